@@ -1,0 +1,10 @@
+"""lora_lab: LoRA and QLoRA, taught with real algorithms.
+
+Each module holds one concept (see README, "The package"). The names users touch are PEFT's
+(`LoraConfig`, `r`, `lora_alpha`, `lora_A`, `lora_B`), quantization uses bitsandbytes' names
+(`blocksize`, `absmax`), and the model uses transformers' Llama module names.
+"""
+
+__version__ = "0.1.0"
+
+# Public API: each module adds its own line below.
