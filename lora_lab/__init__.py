@@ -8,3 +8,5 @@ Each module holds one concept (see README, "The package"). The names users touch
 __version__ = "0.1.0"
 
 # Public API: each module adds its own line below.
+from .lora import (LoraConfig, LoRALinear, LoRALayer, ParameterCount, apply_lora, count_parameters,  # noqa: F401
+                   lora_layers, merge_lora, unload, unmerge_lora)
