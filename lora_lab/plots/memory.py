@@ -1,0 +1,157 @@
+"""Figures for the memory notebook: stacked memory bars, a memory timeline, and loss curves side by side.
+
+Every figure is a plain `matplotlib.figure.Figure` (no pyplot, so nothing is displayed behind the notebook's
+back); widgets render it to PNG with `to_png` after updating its artists in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "MB": 10**6, "GB": 10**9}
+# Colour-blind-safe (Okabe-Ito), one colour per memory category, in stacking order.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
+
+
+def new_figure(width: float = 7.0, height: float = 3.5, dpi: int = 80, ncols: int = 1):
+    """A small Agg-backed figure and its axes (one per column); small so stored PNGs stay small."""
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render `fig` to PNG bytes (what an `ipywidgets.Image` shows)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def breakdown_dict(breakdown) -> dict[str, int]:
+    """Bytes by category from a mapping, a dataclass, or an object with `as_dict()`.
+
+    Non-numeric fields (a total, a label) are dropped; a field named `total`/`total_bytes` is dropped too, since
+    the bars are stacked from the parts.
+    """
+    if isinstance(breakdown, Mapping):
+        items = dict(breakdown)
+    elif hasattr(breakdown, "as_dict"):
+        items = dict(breakdown.as_dict())
+    elif dataclasses.is_dataclass(breakdown):
+        items = dataclasses.asdict(breakdown)
+    else:
+        raise TypeError(f"cannot read a memory breakdown from {type(breakdown).__name__}; pass a dict of bytes.")
+    return {
+        k: int(v)
+        for k, v in items.items()
+        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        and k not in ("total", "total_bytes")
+    }
+
+
+class StackedBars(NamedTuple):
+    """Data behind a stacked bar chart: `values[i, j]` is category i of bar j, in `unit`."""
+
+    labels: tuple[str, ...]
+    categories: tuple[str, ...]
+    values: np.ndarray  # (n_categories, n_bars)
+    unit: str
+
+    @property
+    def totals(self) -> np.ndarray:
+        return self.values.sum(axis=0)
+
+
+def stacked_bar_data(breakdowns: Mapping[str, object], unit: str = "MiB") -> StackedBars:
+    """Stack memory breakdowns (one per bar) into one array, categories in first-seen order.
+
+    A category missing from one breakdown counts as zero there.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {sorted(UNITS)}, not {unit!r}.")
+    dicts = {label: breakdown_dict(b) for label, b in breakdowns.items()}
+    categories: list[str] = []
+    for d in dicts.values():
+        categories += [c for c in d if c not in categories]
+    values = np.array([[d.get(c, 0) for d in dicts.values()] for c in categories], dtype=float)
+    return StackedBars(tuple(dicts), tuple(categories), values.reshape(len(categories), len(dicts)) / UNITS[unit], unit)
+
+
+def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None):
+    """Draw `data` as stacked bars; returns (figure, {category: BarContainer}) for `update_stacked_bars`."""
+    fig = ax.figure if ax is not None else None
+    if ax is None:
+        fig, ax = new_figure(4.0, 3.5)
+    x = np.arange(len(data.labels))
+    bottom = np.zeros(len(data.labels))
+    bars = {}
+    for i, cat in enumerate(data.categories):
+        bars[cat] = ax.bar(x, data.values[i], bottom=bottom, color=PALETTE[i % len(PALETTE)], label=cat)
+        bottom = bottom + data.values[i]
+    ax.set_xticks(x, data.labels)
+    ax.set_ylabel(f"memory ({data.unit})")
+    ax.legend(fontsize=8, loc="upper left")
+    if title:
+        ax.set_title(title)
+    return fig, bars
+
+
+def update_stacked_bars(bars: Mapping, data: StackedBars, ax=None, headroom: float = 1.15) -> None:
+    """Set heights and bottoms of bars drawn by `plot_stacked_bars` (same labels and categories) to `data`."""
+    bottom = np.zeros(len(data.labels))
+    for i, cat in enumerate(data.categories):
+        for rect, h, b in zip(bars[cat], data.values[i], bottom):
+            rect.set_height(h)
+            rect.set_y(b)
+        bottom = bottom + data.values[i]
+    if ax is not None:
+        ax.set_ylim(0, max(float(bottom.max()), 1e-9) * headroom)
+
+
+def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax=None, unit: str = "MiB"):
+    """Lines of memory against training step; `series[name] = (steps, bytes)`. Returns (figure, {name: Line2D})."""
+    fig = ax.figure if ax is not None else None
+    if ax is None:
+        fig, ax = new_figure(4.0, 3.5)
+    lines = {}
+    for i, (name, (steps, nbytes)) in enumerate(series.items()):
+        (lines[name],) = ax.plot(steps, np.asarray(nbytes, dtype=float) / UNITS[unit], label=name,
+                                 color=PALETTE[i % len(PALETTE)])
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"memory ({unit})")
+    ax.legend(fontsize=8)
+    return fig, lines
+
+
+def loss_curve_data(histories: Mapping[str, object]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(steps, training loss) per method, from History objects (`.train_loss`) or plain loss lists."""
+    out = {}
+    for name, h in histories.items():
+        loss = np.asarray(getattr(h, "train_loss", h), dtype=float)
+        out[name] = (np.arange(1, len(loss) + 1), loss)
+    return out
+
+
+def plot_loss_curves(histories: Mapping[str, object], smooth: int = 1, title: str | None = "training loss"):
+    """Loss curves side by side on one axis (optionally a running mean over `smooth` steps)."""
+    fig, ax = new_figure(7.0, 3.2)
+    lines = {}
+    for i, (name, (steps, loss)) in enumerate(loss_curve_data(histories).items()):
+        if smooth > 1 and len(loss) >= smooth:
+            loss = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")
+            steps = steps[smooth - 1:]
+        (lines[name],) = ax.plot(steps, loss, label=name, color=PALETTE[i % len(PALETTE)])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig, lines

@@ -1,0 +1,152 @@
+"""Widgets for the memory notebook: a slider explorer over a grid of measured breakdowns, and a live dashboard.
+
+Sliders never measure: `measure_grid` measures every setting once when the notebook runs, and the explorer
+looks the answer up, so a slider move only updates bar heights and re-renders a small PNG.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import ipywidgets as widgets
+
+from ..plots.memory import (UNITS, breakdown_dict, new_figure, plot_stacked_bars, plot_timeline, stacked_bar_data,
+                            to_png, update_stacked_bars)
+
+GridKey = tuple[int, int, int]  # (r, batch_size, seq_len)
+
+
+def measure_grid(measure: Callable[..., object], methods: Sequence[str], ranks: Sequence[int],
+                 batch_sizes: Sequence[int], seq_lens: Sequence[int]) -> dict[GridKey, dict[str, dict[str, int]]]:
+    """Measured breakdowns for every (r, batch_size, seq_len) and method.
+
+    Args:
+        measure: `measure(method, r=..., batch_size=..., seq_len=...)` returning a breakdown (bytes by category).
+        methods: e.g. ("full", "lora", "qlora"). "full" does not depend on r, so it is measured once per
+            (batch_size, seq_len) and reused across ranks.
+
+    Returns:
+        `grid[(r, batch_size, seq_len)][method] = {category: bytes}`.
+    """
+    grid: dict[GridKey, dict[str, dict[str, int]]] = {}
+    full_cache: dict[tuple[int, int], dict[str, int]] = {}
+    for r, b, t in itertools.product(ranks, batch_sizes, seq_lens):
+        row = {}
+        for m in methods:
+            if m == "full":
+                if (b, t) not in full_cache:
+                    full_cache[(b, t)] = breakdown_dict(measure(m, r=r, batch_size=b, seq_len=t))
+                row[m] = full_cache[(b, t)]
+            else:
+                row[m] = breakdown_dict(measure(m, r=r, batch_size=b, seq_len=t))
+        grid[(r, b, t)] = row
+    return grid
+
+
+def _axis_values(grid: Mapping[GridKey, object], i: int) -> list[int]:
+    return sorted({k[i] for k in grid})
+
+
+def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], unit: str = "MiB") -> widgets.VBox:
+    """Sliders for rank, batch size and sequence length over a measured grid; one stacked bar per method.
+
+    The returned box has attributes `sliders` (dict name -> SelectionSlider), `figure`, `bars`, `image`,
+    `readout` and `current` (the StackedBars drawn now), so tests and notebooks can read the data behind it.
+    """
+    if not grid:
+        raise ValueError("the grid is empty; measure at least one setting with measure_grid(...).")
+    names = ("r", "batch_size", "seq_len")
+    sliders = {n: widgets.SelectionSlider(options=_axis_values(grid, i), description=n,
+                                          continuous_update=False) for i, n in enumerate(names)}
+    first = next(iter(grid))
+    for n, v in zip(names, first):
+        sliders[n].value = v
+    fig, ax = new_figure(5.0, 3.2)
+    data = stacked_bar_data(grid[first], unit)
+    _, bars = plot_stacked_bars(data, ax=ax, title="measured memory")
+    ymax = max(stacked_bar_data(row, unit).totals.max() for row in grid.values())
+    ax.set_ylim(0, ymax * 1.15)  # fixed axis over the whole grid, so bar heights compare across moves
+    image, readout = widgets.Image(format="png"), widgets.HTML()
+    box = widgets.VBox([widgets.HBox(list(sliders.values())[:2]), sliders["seq_len"], image, readout])
+    for s in sliders.values():
+        s.add_class("lora-lab-e2e")
+
+    def redraw(_=None):
+        key = tuple(sliders[n].value for n in names)
+        box.current = stacked_bar_data(grid[key], unit)
+        update_stacked_bars(bars, box.current)
+        image.value = to_png(fig)
+        totals = ", ".join(f"{m}: {t:,.2f} {unit}" for m, t in zip(box.current.labels, box.current.totals))
+        readout.value = f"r={key[0]}, batch_size={key[1]}, seq_len={key[2]} &rarr; {totals}"
+
+    for s in sliders.values():
+        s.observe(redraw, names="value")
+    box.sliders, box.figure, box.bars, box.image, box.readout = sliders, fig, bars, image, readout
+    redraw()
+    return box
+
+
+class MemoryDashboard:
+    """A live memory dashboard: stacked bars (one per method) and a timeline of total memory against step.
+
+    Feed it with `update(method, step, breakdown, cuda=None)` from a training callback; it redraws at most
+    every `min_interval` seconds (training must not wait for PNG rendering) and always on `finish()`.
+    `cuda` is an optional dict such as {"allocated": bytes, "peak": bytes} from `torch.cuda`, shown beside it.
+    """
+
+    def __init__(self, methods: Sequence[str], categories: Sequence[str], unit: str = "MiB",
+                 min_interval: float = 0.25):
+        self.methods, self.categories, self.unit, self.min_interval = tuple(methods), tuple(categories), unit, min_interval
+        self.latest = {m: dict.fromkeys(self.categories, 0) for m in self.methods}
+        self.timeline = {m: ([], []) for m in self.methods}
+        self.cuda: dict[str, dict[str, int]] = {}
+        self.figure, (ax_bar, ax_line) = new_figure(8.0, 3.2, ncols=2)
+        self.ax_bar, self.ax_line = ax_bar, ax_line
+        _, self.bars = plot_stacked_bars(self.data(), ax=ax_bar, title="memory by category")
+        _, self.lines = plot_timeline({m: ([], []) for m in self.methods}, ax=ax_line, unit=unit)
+        ax_line.set_title("total memory while training")
+        self.image, self.readout = widgets.Image(format="png"), widgets.HTML()
+        self.widget = widgets.VBox([self.image, self.readout])
+        self._last_draw = 0.0
+        self.redraw()
+
+    def data(self):
+        """The StackedBars behind the bar chart (latest breakdown per method)."""
+        return stacked_bar_data({m: self.latest[m] for m in self.methods}, self.unit)
+
+    def update(self, method: str, step: int, breakdown, cuda: Mapping[str, int] | None = None) -> None:
+        if method not in self.latest:
+            raise ValueError(f"unknown method {method!r}; the dashboard was built for {self.methods}.")
+        parts = breakdown_dict(breakdown)
+        self.latest[method] = {c: parts.get(c, 0) for c in self.categories}
+        steps, totals = self.timeline[method]
+        steps.append(step)
+        totals.append(sum(self.latest[method].values()))
+        if cuda:
+            self.cuda[method] = dict(cuda)
+        if time.perf_counter() - self._last_draw >= self.min_interval:
+            self.redraw()
+
+    def redraw(self) -> None:
+        data = self.data()
+        update_stacked_bars(self.bars, data, ax=self.ax_bar)
+        for m, (steps, totals) in self.timeline.items():
+            self.lines[m].set_data(steps, [t / UNITS[self.unit] for t in totals])
+        self.ax_line.relim()
+        self.ax_line.autoscale_view()
+        self.image.value = to_png(self.figure)
+        self.readout.value = self._readout_html(data)
+        self._last_draw = time.perf_counter()
+
+    def finish(self) -> None:
+        """Final redraw after training (the throttle may have skipped the last updates)."""
+        self.redraw()
+
+    def _readout_html(self, data) -> str:
+        rows = [f"{m}: {t:,.2f} {self.unit}" for m, t in zip(data.labels, data.totals)]
+        for m, c in self.cuda.items():
+            rows.append(f"{m} (CUDA): allocated {c.get('allocated', 0) / 2**20:,.1f} MiB, "
+                        f"peak {c.get('peak', 0) / 2**20:,.1f} MiB")
+        return "<br>".join(rows)

@@ -1,0 +1,85 @@
+"""Tests for lora_lab.widgets.memory: slider moves look up the measured grid; the dashboard follows updates."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+from lora_lab.widgets.memory import MemoryDashboard, measure_grid, memory_explorer
+
+CATS = ("weights", "trainable", "gradients", "optimizer", "activations")
+
+
+def fake_measure(method, *, r, batch_size, seq_len):
+    """Synthetic breakdown: activations grow with batch*seq, adapters with r (MiB)."""
+    lora = method != "full"
+    return {"weights": 10 * 2**20, "trainable": (r if lora else 10) * 2**20, "gradients": (r if lora else 10) * 2**20,
+            "optimizer": 2 * (r if lora else 10) * 2**20, "activations": batch_size * seq_len * 2**20}
+
+
+@pytest.fixture
+def grid():
+    calls = []
+
+    def measure(method, **kw):
+        calls.append((method, kw))
+        return fake_measure(method, **kw)
+
+    g = measure_grid(measure, ("full", "lora"), ranks=(1, 8), batch_sizes=(1, 4), seq_lens=(2, 3))
+    g["calls"] = calls
+    return g
+
+
+def test_grid_measures_full_once_per_shape(grid):
+    calls = grid.pop("calls")
+    assert len(grid) == 8
+    assert sum(m == "full" for m, _ in calls) == 4  # full does not depend on r
+    assert sum(m == "lora" for m, _ in calls) == 8
+
+
+def test_explorer_slider_looks_up_grid(grid):
+    grid.pop("calls")
+    box = memory_explorer(grid)
+    before = box.current.totals.copy()
+    png = box.image.value
+    box.sliders["batch_size"].value = 4
+    # activations for lora: batch 4 * seq 2 = 8 MiB instead of 2 MiB
+    assert box.current.values[CATS.index("activations"), 1] == 8
+    assert box.bars["activations"][1].get_height() == 8
+    np.testing.assert_allclose(box.current.totals - before, [6, 6])
+    assert box.image.value != png
+    assert "batch_size=4" in box.readout.value
+
+
+def test_explorer_rank_changes_only_lora(grid):
+    grid.pop("calls")
+    box = memory_explorer(grid)
+    box.sliders["r"].value = 1
+    low = box.current.totals.copy()
+    box.sliders["r"].value = 8
+    diff = box.current.totals - low
+    assert diff[0] == 0 and diff[1] == 28  # (8-1) MiB * (param + grad + 2 optimizer moments)
+
+
+def test_explorer_rejects_empty_grid():
+    with pytest.raises(ValueError):
+        memory_explorer({})
+
+
+def test_dashboard_bars_and_timeline_follow_updates():
+    dash = MemoryDashboard(("full", "lora"), CATS, min_interval=0.0)
+    png = dash.image.value
+    dash.update("lora", 1, fake_measure("lora", r=4, batch_size=1, seq_len=1))
+    dash.update("lora", 2, fake_measure("lora", r=4, batch_size=2, seq_len=1), cuda={"allocated": 2**20, "peak": 2**21})
+    assert dash.bars["activations"][1].get_height() == 2
+    np.testing.assert_allclose(dash.lines["lora"].get_ydata(), [27, 28])
+    assert dash.image.value != png
+    assert "peak 2.0 MiB" in dash.readout.value
+
+
+def test_dashboard_rejects_unknown_method():
+    dash = MemoryDashboard(("lora",), CATS)
+    with pytest.raises(ValueError):
+        dash.update("qlora", 1, {})
