@@ -1,0 +1,128 @@
+"""Figures and tables for the memory-at-scale notebook: "will it fit?" bars against GPU sizes, and the papers'
+published memory figures beside the estimator's.
+
+GPU cards sold as "24 GB", "48 GB" and "80 GB" hold 24, 48 and 80 GiB, so the bars are drawn in GiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+from .memory import UNITS, new_figure, plot_stacked_bars, stacked_bar_data
+
+GPU_SIZES_GB = (24, 48, 80)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QV = ("q_proj", "v_proj")
+
+
+def estimate_bars_data(estimates: Mapping[str, object], unit: str = "GiB"):
+    """StackedBars (one bar per label) from `Estimate` objects (`.breakdown`) or plain breakdown dicts."""
+    return stacked_bar_data({k: getattr(e, "breakdown", e) for k, e in estimates.items()}, unit)
+
+
+def fits_on(total_bytes: float, gpu_sizes: Sequence[float] = GPU_SIZES_GB) -> tuple[float, ...]:
+    """The GPU sizes (GiB) that hold `total_bytes`; an empty tuple when none does."""
+    return tuple(g for g in gpu_sizes if total_bytes <= g * UNITS["GiB"])
+
+
+def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None = None):
+    """Stacked bars with a dashed horizontal line at each GPU size. Returns (figure, axis, {category: bars})."""
+    fig, ax = new_figure(7.0, 3.5)
+    _, bars = plot_stacked_bars(data, ax=ax, title=title)
+    for g in gpu_sizes:
+        ax.axhline(g, color="0.4", linestyle="--", linewidth=1)
+        ax.annotate(f"{g} GB GPU", (1.0, g), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                    fontsize=8, color="0.3")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig, ax, bars
+
+
+class PaperFigure(NamedTuple):
+    """One published figure and the estimator call that answers the same question.
+
+    `field` names what to read from the Estimate: "total_bytes", "trainable_params", "adapter_bytes", or
+    "breakdown:<category>" (one bar of the breakdown).
+    """
+
+    claim: str
+    source: str
+    paper_value: float
+    unit: str  # "params", "MB" (10**6 bytes), "GB" (10**9 bytes)
+    preset: str
+    method: str
+    kwargs: dict
+    field: str
+    note: str
+
+
+_QLORA_G = dict(r=64, target_modules=ALL_LINEAR, batch_size=1, seq_len=512, gradient_checkpointing=True)
+
+PAPER_FIGURES = (
+    PaperFigure("GPT-3 175B trainable params, r=4 on q,v", "LoRA Table 15", 18.8e6, "params", "gpt3-175b", "lora",
+                dict(r=4, target_modules=QV), "trainable_params", "formula 2·96·12288·r·2"),
+    PaperFigure("GPT-3 175B trainable params, r=8 on q,v", "LoRA Table 4", 37.7e6, "params", "gpt3-175b", "lora",
+                dict(r=8, target_modules=QV), "trainable_params", "formula 2·96·12288·r·2"),
+    PaperFigure("GPT-3 175B adapter checkpoint, r=4 on q,v", "LoRA §4.2", 35, "MB", "gpt3-175b", "lora",
+                dict(r=4, target_modules=QV), "adapter_bytes", "paper: 'roughly 35MB' for 37.7 MB of fp16"),
+    PaperFigure("GPT-3 175B VRAM, full fine-tuning with Adam", "LoRA §4.2", 1200, "GB", "gpt3-175b", "full",
+                dict(batch_size=1, seq_len=2048), "total_bytes", "paper gives no breakdown or batch size"),
+    PaperFigure("GPT-3 175B VRAM, LoRA r=4 on q,v", "LoRA §4.2", 350, "GB", "gpt3-175b", "lora",
+                dict(r=4, target_modules=QV, batch_size=1, seq_len=2048), "total_bytes",
+                "350 GB = 175e9 fp16 weights alone"),
+    PaperFigure("LLaMA 65B, regular 16-bit fine-tuning", "QLoRA §1", 780, "GB", "llama-65b", "full",
+                dict(batch_size=1, seq_len=512), "total_bytes", "'more than 780 GB'; ≈ 12 bytes/param"),
+    PaperFigure("LLaMA 65B QLoRA, total", "QLoRA Fig. 6", 45.0, "GB", "llama-65b", "qlora", _QLORA_G,
+                "total_bytes", "r=64 all linear, batch 1, seq 512; '<48GB' in the abstract"),
+    PaperFigure("LLaMA 33B QLoRA, total", "QLoRA Fig. 6", 24.7, "GB", "llama-33b", "qlora", _QLORA_G,
+                "total_bytes", "above 24 GB: why paged optimizers matter"),
+    PaperFigure("LLaMA 13B QLoRA, total", "QLoRA Fig. 6", 11.3, "GB", "llama-13b", "qlora", _QLORA_G,
+                "total_bytes", ""),
+    PaperFigure("LLaMA 7B QLoRA, total", "QLoRA Fig. 6", 6.9, "GB", "llama-7b", "qlora", _QLORA_G,
+                "total_bytes", ""),
+)
+
+_SCALE = {"params": 1, "MB": 10**6, "GB": 10**9}
+
+
+def read_field(est, field: str) -> float:
+    """Read `field` (see PaperFigure) from an Estimate."""
+    if field.startswith("breakdown:"):
+        from .memory import breakdown_dict
+
+        return float(breakdown_dict(est.breakdown)[field.split(":", 1)[1]])
+    return float(getattr(est, field))
+
+
+class ComparisonRow(NamedTuple):
+    figure: PaperFigure
+    estimated: float  # in figure.unit
+
+    @property
+    def ratio(self) -> float:
+        """estimated / paper."""
+        return self.estimated / self.figure.paper_value
+
+
+def paper_comparison(estimate: Callable[..., object],
+                     figures: Sequence[PaperFigure] = PAPER_FIGURES) -> list[ComparisonRow]:
+    """Run `estimate(preset, method, **kwargs)` for each published figure and convert to the paper's unit."""
+    rows = []
+    for f in figures:
+        value = read_field(estimate(f.preset, f.method, **f.kwargs), f.field)
+        rows.append(ComparisonRow(f, value / _SCALE[f.unit]))
+    return rows
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value / 1e6:,.1f} M" if unit == "params" else f"{value:,.1f} {unit}"
+
+
+def comparison_markdown(rows: Sequence[ComparisonRow]) -> str:
+    """A Markdown table: claim | source | paper | estimate | estimate / paper | note."""
+    lines = ["| claim | source | paper | estimate | estimate / paper | note |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        f = row.figure
+        lines.append(f"| {f.claim} | {f.source} | {_fmt(f.paper_value, f.unit)} | {_fmt(row.estimated, f.unit)} "
+                     f"| {row.ratio:.2f} | {f.note} |")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Tests for lora_lab.plots.scale: GPU-fit checks and the paper-vs-estimate table."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lora_lab.plots.scale import (PAPER_FIGURES, comparison_markdown, estimate_bars_data, fits_on, paper_comparison,
+                                  plot_fit)
+
+GiB = 2**30
+
+
+def test_fits_on_is_inclusive_and_ordered():
+    assert fits_on(24 * GiB) == (24, 48, 80)
+    assert fits_on(24 * GiB + 1) == (48, 80)
+    assert fits_on(81 * GiB) == ()
+
+
+def test_fit_plot_draws_one_line_per_gpu():
+    data = estimate_bars_data({"lora": SimpleNamespace(breakdown={"w": 30 * GiB, "a": 2 * GiB})})
+    np.testing.assert_allclose(data.totals, [32])
+    fig, ax, bars = plot_fit(data, gpu_sizes=(24, 48))
+    assert sorted(line.get_ydata()[0] for line in ax.get_lines()) == [24, 48]
+    assert bars["a"][0].get_y() == 30
+
+
+def test_paper_comparison_converts_to_paper_units():
+    def fake_estimate(preset, method, **kw):
+        r = kw.get("r", 8)
+        n = 2 * 96 * 12288 * r * 2
+        return SimpleNamespace(trainable_params=n, adapter_bytes=2 * n, total_bytes=45.0e9, breakdown={"w": 1})
+
+    rows = paper_comparison(fake_estimate)
+    assert len(rows) == len(PAPER_FIGURES)
+    by_claim = {row.figure.claim: row for row in rows}
+    # the LoRA paper's 18.8M is 18,874,368 rounded to 0.1M: ratio within 0.5%
+    assert by_claim["GPT-3 175B trainable params, r=4 on q,v"].ratio == pytest.approx(1, abs=0.005)
+    assert by_claim["GPT-3 175B adapter checkpoint, r=4 on q,v"].estimated == pytest.approx(37.748736)
+    assert by_claim["LLaMA 65B QLoRA, total"].ratio == pytest.approx(1.0)
+    table = comparison_markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| 18.9 M |" in table

@@ -1,0 +1,54 @@
+"""Tests for lora_lab.widgets.scale: slider moves re-estimate (once per setting) and move the bars."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from lora_lab.widgets.scale import cached, fit_explorer
+
+GiB = 2**30
+SIZE = {"small": 1, "big": 100}
+
+
+def fake_estimate(preset, method, *, r, target_modules, batch_size, seq_len, gradient_checkpointing, optimizer):
+    weights = SIZE[preset] * (0.5 if method == "qlora" else 2) * GiB
+    trainable = SIZE[preset] * (12 if method == "full" else 0.01 * r * len(target_modules)) * GiB
+    act = batch_size * seq_len * (1 if gradient_checkpointing else 8) * 2**20
+    return SimpleNamespace(breakdown={"weights": weights, "training state": trainable, "activations": act})
+
+
+def test_cached_calls_estimator_once_per_setting():
+    calls = []
+    est = cached(lambda p, m, **kw: calls.append(1) or len(calls))
+    assert est("a", "lora", r=1) == est("a", "lora", r=1) == 1
+    assert est("a", "lora", r=2) == 2 and len(est.cache) == 2
+
+
+def test_seq_len_slider_moves_activation_bars():
+    box = fit_explorer(fake_estimate, ["small", "big"])
+    act = box.current.categories.index("activations")
+    before, png = box.current.values[act].copy(), box.image.value
+    box.controls["seq_len"].value = 4096
+    np.testing.assert_allclose(box.current.values[act], before * 8)  # 512 -> 4096
+    assert box.bars["activations"][0].get_height() == box.current.values[act][0]
+    assert box.image.value != png
+
+
+def test_preset_switch_changes_fit_readout():
+    box = fit_explorer(fake_estimate, ["small", "big"])
+    assert "<b>qlora</b>" in box.readout.value and "fits on: 24 GB" in box.readout.value
+    box.controls["preset"].value = "big"
+    assert "none of these GPUs" in box.readout.value
+    assert box.figure.axes[0].get_ylim()[1] >= box.current.totals.max()
+
+
+def test_rank_and_targets_only_move_adapter_methods():
+    box = fit_explorer(fake_estimate, ["small"])
+    low = box.current.totals.copy()
+    box.controls["target_modules"].value = "all linear"
+    diff = box.current.totals - low
+    assert diff[0] == 0 and diff[1] > 0 and diff[2] > 0
