@@ -1,0 +1,257 @@
+"""Fine-tuning in one call: ``history = finetune(model, task, method="lora")``.
+
+One loop serves every method, so their curves, timings and memory are comparable:
+
+    full    every weight trains (the baseline the LoRA paper compares against)
+    lora    apply_lora(model, config): only lora_A / lora_B train (Hu et al. 2021)
+    qlora   apply_qlora(model, config): the frozen weights are stored in NF4 (Dettmers et al. 2023)
+    None    train whatever already requires grad
+
+Each step is forward, backward, AdamW (Loshchilov & Hutter 2019). The seed is set before the adapters are
+created, so the same call gives the same curve, bit for bit, on the same machine (CPU; CUDA kernels,
+bitsandbytes' included, are not all deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .lora import LoraConfig, apply_lora
+from .memory import MemoryBreakdown, checkpoint_layers, training_step
+from .model import resolve_device
+
+METHODS = ("full", "lora", "qlora", None)
+# Defaults for the kit's small models: adapters start at B = 0 and need a larger step than full weights.
+DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3, None: 1e-3}
+
+
+class StopTraining(Exception):
+    """Raise from a callback to end training early; the message becomes ``History.stopped_reason``."""
+
+
+@dataclass
+class History:
+    """What `finetune` records. Steps count optimizer updates: step 0 is the model before training.
+
+    Attributes:
+        train_loss: training loss of steps 1, 2, ... (the loss of the batch *before* that step's update).
+        eval_steps, eval_loss, eval_accuracy: held-out evaluation at step 0, every ``eval_every`` steps, last.
+        step_seconds: wall time of each step (steps that measure memory are slower: they run hooks).
+        memory_steps, memory: a `MemoryBreakdown` at step 1 and at each evaluation step.
+        stopped_reason: None if every step ran; otherwise why training ended early.
+    """
+
+    method: str | None = None
+    lr: float = 0.0
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    memory_steps: list[int] = field(default_factory=list)
+    memory: list[MemoryBreakdown] = field(default_factory=list)
+    stopped_reason: str | None = None
+
+    @property
+    def steps(self) -> int:
+        """Number of completed optimizer steps."""
+        return len(self.train_loss)
+
+    def to_dict(self) -> dict:
+        """Plain lists and numbers (JSON-serializable), memory as dicts of bytes."""
+        return {**asdict(self), "memory": [m.to_dict() for m in self.memory]}
+
+
+def finetune(model: nn.Module, task, *, method: str | None = "lora", config: LoraConfig | None = None,
+             steps: int = 200, lr: float | None = None, batch_size: int = 32, seed: int = 0,
+             eval_every: int | None = 50, eval_examples: int | None = None, callback=None,
+             callback_every: int = 1, device=None, strict: bool = False, progress: bool = True,
+             measure_memory: bool = True, gradient_checkpointing: bool = False, weight_decay: float = 0.0,
+             qlora_options: dict | None = None) -> History:
+    """Fine-tune ``model`` on ``task`` in place and return the `History`.
+
+    Args:
+        model: a causal LM whose ``forward(input_ids, labels=...)`` returns ``(loss, logits)``.
+        task: has ``get_batch(split, batch_size, generator)``, ``evaluate(model, split, max_examples)``,
+            ``seq_len`` (see `lora_lab.data`).
+        method: ``"full"``, ``"lora"``, ``"qlora"`` or None (see the module docstring).
+        config: the `LoraConfig` for lora/qlora (default ``LoraConfig()``: r=8 on q_proj and v_proj).
+        lr: AdamW learning rate; None picks ``DEFAULT_LR[method]``.
+        seed: seeds torch before the adapters are created, and the batch order.
+        callback: ``callback(history)`` every ``callback_every`` steps and after the last; returning
+            False (or raising `StopTraining`) ends training, keeping the history so far.
+        device: None picks CUDA when available. "cuda" without CUDA falls back to the CPU with a
+            warning, or raises ValueError when ``strict``.
+        measure_memory: record a `MemoryBreakdown` at step 1 and at every evaluation.
+        gradient_checkpointing: recompute layer activations in backward (see `memory.checkpoint_layers`).
+        qlora_options: keyword arguments for ``apply_qlora`` (``blocksize``, ``double_quant``, ...).
+
+    Returns:
+        The `History`. A loss that turns NaN/inf stops training at that step (before its update) with a
+        warning and ``stopped_reason`` set; the model keeps the last finite weights.
+    """
+    lr = _check_args(model, task, method, config, steps, lr, batch_size, eval_every, callback_every)
+    device = resolve_device(device, strict)
+    torch.manual_seed(seed)  # before the adapters exist: lora_A's init is part of the run
+    prepare_model(model, method, config, qlora_options)
+    model.to(device).train()
+    optimizer = make_optimizer(model, "adamw", lr, weight_decay)
+    history = History(method=method, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    evaluate = _evaluator(task, model, history, eval_examples)
+    evaluate(0)
+    ckpt = checkpoint_layers(model) if gradient_checkpointing else contextlib.nullcontext()
+    with ckpt, _progress(steps, method, progress) as bar:
+        for step in range(1, steps + 1):
+            batch = [t.to(device) for t in task.get_batch("train", batch_size, generator)]
+            track = measure_memory and (step == 1 or _is_eval_step(step, eval_every))
+            if not _one_step(model, batch, optimizer, history, step, track):
+                break
+            bar.update(1)
+            bar.set_postfix(loss=f"{history.train_loss[-1]:.4f}", refresh=False)
+            if _is_eval_step(step, eval_every):
+                evaluate(step)
+            if step == steps or step % callback_every == 0:
+                if _call_back(callback, history, step):
+                    break
+    if not history.eval_steps or history.eval_steps[-1] != history.steps:
+        evaluate(history.steps)
+    model.eval()
+    return history
+
+
+def prepare_model(model: nn.Module, method: str | None, config: LoraConfig | None = None,
+                  qlora_options: dict | None = None) -> nn.Module:
+    """Make the parameters ``method`` trains the only trainable ones (in place; `estimate` uses this too)."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())
+    elif method == "lora":
+        apply_lora(model, config or LoraConfig())
+    elif method == "qlora":
+        from .qlora import apply_qlora
+
+        apply_qlora(model, config or LoraConfig(), **(qlora_options or {}))
+    return model
+
+
+def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW (two moments per trainable parameter) or plain SGD (no state) over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters; pick method='full', 'lora' or 'qlora'.")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}.")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _one_step(model, batch, optimizer, history: History, step: int, track: bool) -> bool:
+    """Run one step and record it; False when the loss is not finite (then nothing was updated)."""
+    sync = torch.cuda.synchronize if batch[0].is_cuda else (lambda: None)
+    start = time.perf_counter()
+    loss, breakdown = training_step(model, batch, optimizer, track=track)
+    value = loss.item()
+    sync()
+    if not math.isfinite(value):
+        history.stopped_reason = (f"the loss became {value} at step {step} with lr={history.lr:g}; training "
+                                  "stopped before that update. Lower the learning rate.")
+        warnings.warn(history.stopped_reason, RuntimeWarning, stacklevel=3)
+        return False
+    history.train_loss.append(value)
+    history.step_seconds.append(time.perf_counter() - start)
+    if breakdown is not None:
+        history.memory_steps.append(step)
+        history.memory.append(breakdown)
+    return True
+
+
+def _evaluator(task, model, history: History, max_examples):
+    """A function that evaluates on the eval split and appends the result to the history."""
+    def evaluate(step: int) -> None:
+        was_training = model.training
+        result = task.evaluate(model, split="eval", max_examples=max_examples)
+        model.train(was_training)
+        history.eval_steps.append(step)
+        history.eval_loss.append(float(result["loss"]))
+        history.eval_accuracy.append(float(result["accuracy"]))
+    return evaluate
+
+
+def _call_back(callback, history: History, step: int) -> bool:
+    """Run the callback; True means stop."""
+    if callback is None:
+        return False
+    try:
+        keep_going = callback(history)
+    except StopTraining as stop:
+        history.stopped_reason = f"stopped by the callback at step {step}: {stop}"
+        return True
+    if keep_going is False:
+        history.stopped_reason = f"the callback returned False at step {step}"
+        return True
+    return False
+
+
+def _is_eval_step(step: int, eval_every: int | None) -> bool:
+    return bool(eval_every) and step % eval_every == 0
+
+
+@contextlib.contextmanager
+def _progress(steps: int, method, enabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=f"{method or 'custom'} fine-tuning", disable=not enabled, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def _check_args(model, task, method, config, steps, lr, batch_size, eval_every, callback_every) -> float:
+    """Validate everything before the model changes; returns the learning rate to use."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if config is not None and (method not in ("lora", "qlora") or not isinstance(config, LoraConfig)):
+        raise ValueError("config is a LoraConfig and only applies to method='lora' or 'qlora'.")
+    for value, name in ((steps, "steps"), (batch_size, "batch_size"), (callback_every, "callback_every")):
+        _positive_int(value, name)
+    if eval_every is not None:
+        _positive_int(eval_every, "eval_every")
+    lr = DEFAULT_LR[method] if lr is None else lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number (or None for the default), got {lr!r}.")
+    n_train = _split_size(task, "train")
+    if n_train is not None and batch_size > n_train:
+        raise ValueError(f"batch_size={batch_size} is larger than the task's train split ({n_train} examples); "
+                         "use a smaller batch_size.")
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions is not None and task.seq_len > max_positions:
+        raise ValueError(f"The task's sequences have {task.seq_len} tokens but the model handles at most "
+                         f"{max_positions} (max_position_embeddings); pick a task with shorter sequences.")
+    if method is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("method=None trains what already requires grad, and nothing does; pick a method.")
+    return float(lr)
+
+
+def _split_size(task, split: str) -> int | None:
+    sizes = getattr(task, "split_sizes", None)
+    if isinstance(sizes, dict) and split in sizes:
+        return int(sizes[split])
+    return None
