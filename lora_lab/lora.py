@@ -197,19 +197,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     Returns:
         The same model object.
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_lab.LoraConfig, got {type(config).__name__}.")
-    existing = lora_layers(model)
-    if existing:
-        raise ValueError(f"The model already has LoRA layers ({', '.join(existing)}); call unload(model) first "
-                         "or load the adapter with load_adapter.")
-    names = _matched_names(model, config.target_modules)
-    for name in names:
-        module = model.get_submodule(name)
-        if not _is_linear_like(module):
-            raise TypeError(f"target_modules matched {name!r}, a {type(module).__name__}, but LoRA wraps only "
-                            "linear layers; narrow target_modules to the nn.Linear names.")
-        _check_rank(config.r, module.in_features, module.out_features, where=f" for {name!r}")
+    names = lora_targets(model, config)
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         wrappers = {name: LoRALinear(model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
@@ -223,6 +211,29 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     _mark_trainable(model, config.bias)
     model.lora_config = config
     return model
+
+
+def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The names `apply_lora` would wrap, after all of its checks; changes nothing.
+
+    Raises:
+        TypeError: ``config`` is not a `LoraConfig`, or a matched module is not linear.
+        ValueError: the model already has LoRA layers, nothing matched, or ``r`` exceeds a layer's size.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lora_lab.LoraConfig, got {type(config).__name__}.")
+    existing = lora_layers(model)
+    if existing:
+        raise ValueError(f"The model already has LoRA layers ({', '.join(existing)}); call unload(model) first "
+                         "or load the adapter with load_adapter.")
+    names = _matched_names(model, config.target_modules)
+    for name in names:
+        module = model.get_submodule(name)
+        if not _is_linear_like(module):
+            raise TypeError(f"target_modules matched {name!r}, a {type(module).__name__}, but LoRA wraps only "
+                            "linear layers; narrow target_modules to the nn.Linear names.")
+        _check_rank(config.r, module.in_features, module.out_features, where=f" for {name!r}")
+    return names
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

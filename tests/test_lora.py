@@ -1,0 +1,432 @@
+"""Invariants of lora_lab.lora: LoRALinear, the blog-post LoRALayer, apply_lora and friends."""
+
+import contextlib
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lora_lab import (LoraConfig, LoRALayer, LoRALinear, ParameterCount, apply_lora, count_parameters, lora_layers,
+                      merge_lora, unload, unmerge_lora)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FAST = settings(max_examples=20, deadline=None)
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * self.k_proj(x) + self.v_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.self_attn = Attention(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.self_attn(x))
+
+
+class TinyLM(nn.Module):
+    """Llama-like names (``model.layers.0.self_attn.q_proj``) at toy size."""
+
+    def __init__(self, vocab=20, d=8, n_layers=2):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, d)
+        self.model.layers = nn.ModuleList(Block(d) for _ in range(n_layers))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            h = layer(h)
+        return self.lm_head(h)
+
+
+def snapshot(model):
+    """Everything a failed call must leave alone: tensors, requires_grad, module types."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: type(m) for n, m in model.named_modules()})
+
+
+def assert_unchanged(model, before):
+    tensors, grads, types = snapshot(model)
+    assert types == before[2] and grads == before[1] and tensors.keys() == before[0].keys()
+    for key, value in tensors.items():
+        assert torch.equal(value, before[0][key]), key
+
+
+def randomize_lora_B(model_or_layer, seed=0, std=1.0):
+    """Give B nonzero values (at init B = 0, which would make output comparisons vacuous)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = [model_or_layer] if isinstance(model_or_layer, LoRALinear) else lora_layers(model_or_layer).values()
+    with torch.no_grad():
+        for layer in layers:
+            w = layer.lora_B.weight
+            w.copy_((std * torch.randn(w.shape, generator=gen)).to(w.dtype))
+
+
+@st.composite
+def layer_cases(draw):
+    """A LoRALinear of random size/rank/dtype with nonzero B, and an input with 0-3 leading dims."""
+    n_in, n_out = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    r = draw(st.integers(1, min(n_in, n_out)))
+    dtype = draw(st.sampled_from(DTYPES))
+    lead = draw(st.lists(st.integers(1, 3), max_size=3))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    base = nn.Linear(n_in, n_out, bias=draw(st.booleans())).to(dtype)
+    layer = LoRALinear(base, r, lora_alpha=draw(st.sampled_from([None, 1, 16])), use_rslora=draw(st.booleans()))
+    x = torch.randn(*lead, n_in).to(dtype)
+    return layer, x
+
+
+def abs_bound(layer, x):
+    """|x| (|W0| + |dW|)^T + |b| + scaling |x| |A|^T |B|^T: the magnitude rounding errors scale with."""
+    f = lambda t: t.detach().abs().double()  # noqa: E731
+    base = layer.base_layer
+    bias = f(base.bias) if base.bias is not None else 0
+    return (f(x) @ (f(base.weight) + f(layer.delta_weight())).T + bias
+            + layer.scaling * f(x) @ f(layer.lora_A.weight).T @ f(layer.lora_B.weight).T)
+
+
+# ------------------------------------------------------------------------------------------ LoRALinear
+
+
+@FAST
+@given(layer_cases())
+def test_output_equals_base_at_init(case):
+    layer, x = case
+    layer.reset_lora_parameters()
+    assert torch.equal(layer(x), layer.base_layer(x))  # B = 0 makes the update exactly zero, not just small
+
+
+@FAST
+@given(layer_cases())
+def test_merge_then_unmerge_restores_base_weight(case):
+    layer, _ = case
+    w0 = layer.base_layer.weight.detach().clone()
+    delta = layer.delta_weight()
+    layer.merge()
+    layer.unmerge()
+    # (W0 + d) - d is rounded twice in W0's dtype, each time by at most eps/2 of a value <= |W0| + |d|.
+    eps = torch.finfo(w0.dtype).eps
+    bound = eps * (w0.abs().double() + delta.abs().double())
+    assert ((layer.base_layer.weight.double() - w0.double()).abs() <= bound).all()
+
+
+@FAST
+@given(layer_cases())
+def test_merged_and_unmerged_outputs_agree(case):
+    layer, x = case
+    unmerged = layer(x).double()
+    layer.merge()
+    merged = layer(x).double()
+    # Both paths compute the same sum; each dot product carries at most n*eps/2 accumulation error (Higham's
+    # gamma_n) plus a handful (<= 6) of eps/2 roundings of intermediate results, all relative to abs_bound.
+    eps = torch.finfo(x.dtype).eps
+    tol = (layer.in_features + layer.r + 8) * eps * abs_bound(layer, x)
+    assert ((merged - unmerged).abs() <= tol).all()
+
+
+def test_forward_is_the_paper_formula():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 10), r=3, lora_alpha=6)
+    randomize_lora_B(layer)
+    x = torch.randn(4, 5, 12)
+    W0, b, A, B = (t.detach() for t in (layer.base_layer.weight, layer.base_layer.bias,
+                                        layer.lora_A.weight, layer.lora_B.weight))
+    expected = x @ (W0 + (6 / 3) * B @ A).T + b  # h = (W0 + alpha/r B A) x + b
+    torch.testing.assert_close(layer(x), expected)  # fp32 default tolerance: same sum, other association
+
+
+@FAST
+@given(layer_cases())
+def test_only_lora_parameters_get_gradients(case):
+    layer, x = case
+    layer(x).float().sum().backward()
+    assert layer.base_layer.weight.grad is None
+    assert layer.base_layer.bias is None or layer.base_layer.bias.grad is None
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+
+
+def test_zero_B_gives_B_a_gradient_and_A_none_yet():
+    """Pins `# Note: why lora_B starts at zero`: at init only B moves; A starts moving once B != 0."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 16), r=4)
+    layer(torch.randn(8, 16)).pow(2).sum().backward()
+    assert layer.lora_B.weight.grad.abs().sum() > 0
+    assert torch.equal(layer.lora_A.weight.grad, torch.zeros_like(layer.lora_A.weight))
+
+
+def test_init_is_kaiming_uniform_for_A_and_zero_for_B():
+    layer = LoRALinear(nn.Linear(256, 64), r=64)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)): sqrt(6 / ((1 + 5) * fan_in))
+    a = layer.lora_A.weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound  # 16k uniform draws reach the edge
+    assert abs(a.std().item() - bound / math.sqrt(3)) < 0.02 * bound  # std of U(-b, b) is b/sqrt(3)
+    assert torch.equal(layer.lora_B.weight, torch.zeros(64, 64))
+
+
+@pytest.mark.parametrize("alpha, rslora, expected", [(16, False, 4.0), (16, True, 8.0), (None, False, 1.0)])
+def test_scaling(alpha, rslora, expected):
+    layer = LoRALinear(nn.Linear(8, 8), r=4, lora_alpha=alpha, use_rslora=rslora)
+    assert layer.scaling == expected  # alpha/r, alpha/sqrt(r), and alpha=None means alpha=r
+    if alpha:
+        assert LoraConfig(r=4, lora_alpha=alpha, use_rslora=rslora).scaling == expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adapters_take_the_base_dtype_and_shapes(dtype):
+    layer = LoRALinear(nn.Linear(12, 7, dtype=dtype), r=5)
+    assert layer.lora_A.weight.shape == (5, 12) and layer.lora_B.weight.shape == (7, 5)
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == dtype
+    assert layer(torch.randn(2, 12, dtype=dtype)).dtype == dtype
+    assert layer.delta_weight().shape == (7, 12)
+
+
+def test_forward_needs_only_in_and_out_features():
+    """A quantized base (no float weight) is wrapped the same way; only merging needs base_layer.weight."""
+
+    class Packed(nn.Module):
+        in_features, out_features = 6, 4
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", torch.zeros(12, dtype=torch.uint8))  # packed storage
+
+        def forward(self, x):
+            return x[..., :4] * 2
+
+    layer = LoRALinear(Packed(), r=2)
+    assert layer.lora_A.weight.dtype == torch.float32
+    x = torch.randn(3, 6)
+    assert torch.equal(layer(x), x[..., :4] * 2)
+    with pytest.raises(TypeError, match="Packed"):
+        layer.merge()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"r": 0}, "positive int"), ({"r": 2.0}, "positive int"), ({"r": 9}, "min"),
+    ({"r": 2, "lora_dropout": 1.0}, r"\[0, 1\)"), ({"r": 2, "lora_dropout": -0.1}, r"\[0, 1\)"),
+])
+def test_layer_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(nn.Linear(16, 8), **kwargs)
+
+
+def test_layer_rejects_non_linear_and_double_wrapping():
+    with pytest.raises(TypeError, match="Conv1d"):
+        LoRALinear(nn.Conv1d(4, 4, 1), r=2)
+    with pytest.raises(ValueError, match="already a LoRALinear"):
+        LoRALinear(LoRALinear(nn.Linear(4, 4), r=2), r=2)
+
+
+def test_merge_state_errors():
+    layer = LoRALinear(nn.Linear(4, 4), r=2)
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    assert layer.merged
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+
+
+def test_dropout_touches_only_the_adapter_path():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 8), r=2, lora_dropout=0.5)
+    assert isinstance(layer.lora_dropout, nn.Dropout)
+    x = torch.randn(64, 8)
+    assert torch.equal(layer(x), layer.base_layer(x))  # train mode, dropout on, but B = 0: base is untouched
+    randomize_lora_B(layer)
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ (layer.base_layer.weight + layer.delta_weight()).T
+                               + layer.base_layer.bias)  # eval: no dropout; fp32 default tolerance
+
+
+# ------------------------------------------------------------------------------------- the blog post
+
+BLOG_EXAMPLE = """
+import torch
+import torch.nn as nn
+from lora_lab import LoRALayer
+
+# 예제: 기존 Linear 레이어에 LoRA 적용
+original_layer = nn.Linear(768, 768)
+lora_layer = LoRALayer(original_layer, rank=8) # rank 값 조정 가능
+
+# 입력 데이터
+x = torch.randn(1, 768)
+output = lora_layer(x)
+
+print(f"Output shape: {output.shape}")
+"""
+
+
+def test_blog_post_example_runs_unchanged():
+    scope, out = {}, io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(BLOG_EXAMPLE, scope)
+    assert out.getvalue() == "Output shape: torch.Size([1, 768])\n"
+    layer, x = scope["lora_layer"], scope["x"]
+    assert isinstance(layer, LoRALinear) and layer.r == layer.rank == 8 and layer.scaling == 1.0
+    assert layer.original_layer is scope["original_layer"] and not layer.base_layer.weight.requires_grad
+    assert torch.equal(scope["output"], scope["original_layer"](x))
+
+
+def test_blog_post_formula_with_trained_factors():
+    """The post computes original(x) + x @ A @ B with A (in, r), B (r, out): our lora_A.weight.T, lora_B.weight.T."""
+    torch.manual_seed(0)
+    layer = LoRALayer(nn.Linear(32, 16), rank=4)
+    randomize_lora_B(layer)
+    x = torch.randn(5, 32)
+    A, B = layer.lora_A.weight.detach().T, layer.lora_B.weight.detach().T
+    torch.testing.assert_close(layer(x), layer.original_layer(x) + x @ A @ B)  # fp32 default tolerance
+
+
+# ------------------------------------------------------------------------------------------ apply_lora
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (("q_proj", "v_proj"), {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}),
+    (["self_attn.o_proj"], {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"}),
+    (r"model\.layers\.0\.self_attn\.[qk]_proj", {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"}),
+    ("all-linear", {f"model.layers.{i}.{p}" for i in (0, 1) for p in
+                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.0", "mlp.2")}),
+])
+def test_target_modules_select_the_right_layers(targets, expected):
+    model = apply_lora(TinyLM(), LoraConfig(r=2, target_modules=targets))
+    assert set(lora_layers(model)) == expected  # suffixes at a '.' boundary, regex fullmatch, all but lm_head
+    assert all(model.get_submodule(n) is m for n, m in lora_layers(model).items())
+
+
+def test_all_linear_skips_an_unnamed_vocab_head():
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30))
+    apply_lora(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert set(lora_layers(model)) == {"1"}  # the last Linear with out_features == vocab is the head
+
+
+def test_apply_freezes_everything_else_and_records_config():
+    config = LoraConfig(r=2)
+    model = apply_lora(TinyLM(), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}.weight" for n in lora_layers(model) for ab in "AB"}
+    assert model.lora_config is config
+
+
+@FAST
+@given(st.integers(1, 8), st.integers(1, 3), st.sampled_from(["none", "all", "lora_only"]))
+def test_trainable_count_is_r_times_in_plus_out(r, n_layers, bias):
+    model = TinyLM(d=8, n_layers=n_layers)
+    apply_lora(model, LoraConfig(r=r, target_modules="all-linear", bias=bias))
+    layers = lora_layers(model).values()
+    biases = {"none": 0, "lora_only": sum(m.out_features for m in layers),
+              "all": sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))}[bias]
+    expected = sum(r * (m.in_features + m.out_features) for m in layers) + biases
+    assert count_parameters(model).trainable == expected
+
+
+def test_bias_modes_unfreeze_the_right_biases():
+    model = apply_lora(TinyLM(), LoraConfig(r=2, bias="lora_only"))
+    trainable_biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert trainable_biases == {f"{n}.base_layer.bias" for n in lora_layers(model)}
+
+
+@pytest.mark.parametrize("config, error, match", [
+    (LoraConfig(target_modules=["nope"]), ValueError, "model.layers.0.self_attn.q_proj"),  # lists the Linears
+    (LoraConfig(target_modules=["proj"]), ValueError, "matched no module"),  # suffix must follow a '.'
+    (LoraConfig(target_modules=r".*self_attn"), TypeError, "Attention"),
+    (LoraConfig(r=9, target_modules="all-linear"), ValueError, "model.layers.0"),  # r=9 > d=8: names the layer
+])
+def test_failed_apply_leaves_model_unchanged(config, error, match):
+    model = TinyLM()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        apply_lora(model, config)
+    assert_unchanged(model, before)
+    assert not hasattr(model, "lora_config")
+
+
+def test_apply_twice_is_refused():
+    model = apply_lora(TinyLM(), LoraConfig(r=2))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(model, LoraConfig(r=2, target_modules=["k_proj"]))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kwargs", [{"r": 0}, {"lora_alpha": 0}, {"bias": "some"}, {"target_modules": []},
+                                    {"target_modules": ""}, {"target_modules": "("}, {"lora_dropout": 1}])
+def test_config_validates_on_construction(kwargs):
+    with pytest.raises(Exception) as info:
+        LoraConfig(**kwargs)
+    assert isinstance(info.value, (ValueError, __import__("re").error))
+
+
+# ----------------------------------------------------------------------------------- merge and unload
+
+
+def test_merge_unmerge_and_unload_keep_the_function():
+    torch.manual_seed(0)
+    model = apply_lora(TinyLM(), LoraConfig(r=2, lora_alpha=2, target_modules="all-linear"))
+    randomize_lora_B(model, std=0.1)
+    ids = torch.randint(0, 20, (2, 5))
+    expected = model(ids)
+    # fp32 re-associated sums (~1e-7 relative per layer) pass through ~12 layers and a q*k product: 1e-5 covers it.
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
+    merge_lora(model)
+    close(model(ids), expected)
+    with pytest.raises(ValueError, match="already merged"):
+        merge_lora(model)
+    unmerge_lora(model)
+    close(model(ids), expected)
+    plain = unload(model)
+    assert plain is model and not lora_layers(plain) and not hasattr(plain, "lora_config")
+    assert {type(m) for m in plain.modules()} == {type(m) for m in TinyLM().modules()}
+    close(plain(ids), expected)
+
+
+def test_merge_on_a_model_without_lora_is_refused():
+    with pytest.raises(ValueError, match="apply_lora"):
+        merge_lora(TinyLM())
+
+
+# ------------------------------------------------------------------------------------ count_parameters
+
+
+def test_count_parameters_and_its_printout():
+    model = TinyLM()
+    total = sum(p.numel() for p in model.parameters())
+    assert count_parameters(model) == (total, total)
+    apply_lora(model, LoraConfig(r=2))
+    count = count_parameters(model)
+    assert isinstance(count, ParameterCount) and count.total == total + count.trainable
+    assert count.percent == pytest.approx(100 * count.trainable / count.total)
+    assert str(count) == (f"trainable params: {count.trainable:,} || all params: {count.total:,} "
+                          f"|| trainable%: {count.percent:.4f}")
+
+
+def test_count_parameters_counts_tied_weights_once_and_uses_logical_numel():
+    model = TinyLM()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in many LMs
+    assert count_parameters(model).total == sum(p.numel() for p in model.parameters())
+
+    class Packed4bit(nn.Module):  # two 4-bit weights per stored byte
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(32, dtype=torch.uint8), requires_grad=False)
+
+        def logical_numel(self):
+            return 2 * self.weight.numel()
+
+    assert count_parameters(nn.Sequential(Packed4bit(), nn.Linear(2, 3))) == (9, 64 + 9)
