@@ -79,17 +79,18 @@ def random_update_norms(ranks, in_features: int, out_features: int, seed: int = 
 
 
 def plot_rank_explorer(s: torch.Tensor, r: int, in_features: int, out_features: int):
-    """Singular values (the first r highlighted) and the rank-r error curve with a marker at r."""
+    """Singular values (the r that W_r keeps highlighted) and the rank-r error curve with a marker at r."""
     fig, (ax_s, ax_e) = new_figure(ncols=2)
-    k = np.arange(1, len(s) + 1)
-    bars = ax_s.bar(k, np.asarray(s), width=1.0, color=COLORS["random"])
+    values, edges = np.asarray(s), np.arange(len(s) + 1) + 0.5  # bar k spans [k - 0.5, k + 0.5]
+    ax_s.stairs(values, edges, fill=True, color=COLORS["random"], baseline=values.min() / 2)
+    kept = ax_s.stairs(values[:1], edges[:2], fill=True, color=COLORS["highlight"], baseline=values.min() / 2)
     ax_s.set(yscale="log", xlabel="index k", ylabel="singular value σ_k", title="spectrum of W")
     err = lowrank_error(s)
     ax_e.plot(np.arange(len(err)), err, color=COLORS["lora"])
     (marker,) = ax_e.plot([], [], "o", color=COLORS["highlight"])
     ax_e.set(xlabel="rank r", ylabel="||W − W_r||_F / ||W||_F", title="best rank-r approximation", ylim=(0, 1.02))
     text = ax_e.text(0.97, 0.95, "", transform=ax_e.transAxes, ha="right", va="top", fontsize=9)
-    artists = {"bars": bars, "marker": marker, "text": text, "s": s, "dims": (in_features, out_features)}
+    artists = {"kept": kept, "marker": marker, "text": text, "s": s, "dims": (in_features, out_features)}
     update_rank_explorer(artists, r)
     return fig, artists
 
@@ -97,8 +98,8 @@ def plot_rank_explorer(s: torch.Tensor, r: int, in_features: int, out_features: 
 def update_rank_explorer(artists: dict, r: int) -> dict:
     """Move the highlight to rank r; returns the panel data now shown."""
     data = rank_panel_data(artists["s"], r, *artists["dims"])
-    for i, bar in enumerate(artists["bars"]):
-        bar.set_color(COLORS["highlight"] if i < r else COLORS["random"])
+    values = np.asarray(artists["s"])
+    artists["kept"].set_data(values[:r], np.arange(r + 1) + 0.5)  # the r singular values a rank-r W_r keeps
     artists["marker"].set_data([r], [data["rel_error"]])
     artists["text"].set_text(f"r = {r}\nA+B: {data['lora_params']:,} params\n"
                              f"= {100 * data['ratio']:.1f}% of {data['full_params']:,}\n"

@@ -20,7 +20,7 @@ def rank_explorer(weight, r: int = 8) -> widgets.VBox:
     out_features, in_features = weight.shape
     s = plots.singular_values(weight)
     fig, artists = plots.plot_rank_explorer(s, r, in_features, out_features)
-    view = FigureView(fig, animated=[*artists["bars"], artists["marker"], artists["text"]])
+    view = FigureView(fig, animated=[artists["kept"], artists["marker"], artists["text"]])
     slider = e2e_slider(widgets.IntSlider(value=r, min=1, max=len(s), description="rank r"))
     readout = widgets.HTML()
     box = widgets.VBox([slider, readout, view.image])

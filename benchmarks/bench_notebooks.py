@@ -1,0 +1,153 @@
+"""Notebook execution time and widget redraw latency.
+
+    python benchmarks/bench_notebooks.py                 # everything
+    python benchmarks/bench_notebooks.py --widgets-only  # skip executing the notebooks
+    python benchmarks/bench_notebooks.py --notebooks-only
+
+1. Executes each notebook top to bottom with nbconvert (into a temporary copy: the committed file is not
+   touched) and prints the wall time against the 60 s budget.
+2. Builds each widget in-process, sets its slider values programmatically (exactly what a slider move does:
+   the observer updates the artists and re-renders the PNG) and prints the median redraw latency against the
+   150 ms budget, and, where the figure can also be redrawn in full, the ratio against that full redraw (what
+   a plain `fig.savefig` per move would cost, measured in the same run).
+
+To add a notebook, append to NOTEBOOKS; to add a widget, append a WidgetCase to WIDGETS (`build` returns the
+widget box, `moves` lists (control, value) pairs to set one after another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_BUDGET_S = 60.0
+REDRAW_BUDGET_MS = 150.0
+
+NOTEBOOKS = [
+    "notebooks/01_lora_from_scratch.ipynb",
+    "notebooks/02_rank_effects.ipynb",
+    "notebooks/03_nf4_quantization.ipynb",
+]
+
+
+@dataclass
+class WidgetCase:
+    """One widget to benchmark: `build()` returns the box; `moves(box)` returns [(control, value), ...]."""
+
+    name: str
+    build: Callable[[], object]
+    moves: Callable[[object], list]
+
+
+def _tiny_weight():
+    import torch
+
+    try:
+        from lora_lab import load_base_model
+
+        return load_base_model(device="cpu").model.layers[0].self_attn.q_proj.weight.detach()
+    except Exception:  # no shipped weights yet: a random matrix of a typical size
+        return torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+
+
+def _lora_rank_explorer():
+    from lora_lab.widgets.lora import rank_explorer
+
+    return rank_explorer(_tiny_weight())
+
+
+def _lora_scaling_explorer():
+    from lora_lab.widgets.lora import scaling_explorer
+
+    return scaling_explorer()
+
+
+WIDGETS: list[WidgetCase] = [
+    WidgetCase("01 rank_explorer (rank slider)", _lora_rank_explorer,
+               lambda box: [(box.slider, v) for v in (1, 2, 4, 8, 16, 32, 64, 3, 24, 12, 48)]),
+    WidgetCase("01 scaling_explorer (alpha, rank)", _lora_scaling_explorer,
+               lambda box: [(box.alpha, v) for v in (1, 4, 16, 64, 8, 2)]
+               + [(box.rank, v) for v in (1, 4, 16, 64, 2, 32)]),
+]
+
+
+def time_notebook(path: Path) -> tuple[float, str]:
+    """Execute a copy of the notebook with nbconvert; returns (seconds, "ok" or the error's last line)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+               "--ExecutePreprocessor.timeout=600", "--output-dir", tmp, str(path)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=path.parent, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    status = "ok" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["failed"])[-1][:80]
+    return seconds, status
+
+
+def full_redraw_ms(fig, repeats: int = 5) -> float:
+    """Median time of a whole-figure PNG render (the alternative to blitting), in ms."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fig.savefig(io.BytesIO(), format="png", dpi=fig.dpi)
+        samples.append(time.perf_counter() - start)
+    return 1000 * statistics.median(samples)
+
+
+def time_widget(case: WidgetCase) -> tuple[float, float | None, int]:
+    """Median redraw latency in ms over the case's moves, the full-redraw median (or None), and #moves."""
+    box = case.build()
+    samples = []
+    for control, value in case.moves(box):
+        start = time.perf_counter()
+        control.value = value
+        samples.append(time.perf_counter() - start)
+    view = getattr(box, "view", None)
+    full = full_redraw_ms(view.fig) if view is not None and getattr(view, "animated", None) else None
+    return 1000 * statistics.median(samples), full, len(samples)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widgets-only", action="store_true")
+    parser.add_argument("--notebooks-only", action="store_true")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    print(f"cores available: {len(os.sched_getaffinity(0))}")
+    if not args.widgets_only:
+        print(f"\n{'notebook':<42} {'seconds':>8} {'/ 60 s':>7}  status")
+        for rel in NOTEBOOKS:
+            path = ROOT / rel
+            if not path.exists():
+                print(f"{rel:<42} {'-':>8} {'-':>7}  missing")
+                continue
+            seconds, status = time_notebook(path)
+            print(f"{rel:<42} {seconds:8.1f} {seconds / NOTEBOOK_BUDGET_S:7.2f}  {status}")
+    if not args.notebooks_only:
+        print(f"\n{'widget':<46} {'median ms':>9} {'/ 150 ms':>8} {'full ms':>8} {'speedup':>8} {'moves':>6}")
+        for case in WIDGETS:
+            try:
+                median, full, n = time_widget(case)
+            except Exception as exc:  # report and go on: one broken case must not hide the others
+                print(f"{case.name:<46} failed: {type(exc).__name__}: {exc}"[:140])
+                continue
+            full_txt = f"{full:8.1f} {full / median:7.1f}x" if full else f"{'-':>8} {'-':>8}"
+            print(f"{case.name:<46} {median:9.1f} {median / REDRAW_BUDGET_MS:8.2f} {full_txt} {n:6d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
