@@ -1,0 +1,66 @@
+"""Widgets for the merge notebook: a slider on training length that shows when requantization erases ΔW."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+
+from ..plots.memory import PALETTE, new_figure, to_png
+from ..plots.merge import erasure, erasure_ratio, histogram
+
+BINS = np.linspace(-3.0, 2.0, 51)  # log10(|ΔW| / threshold): from 1/1000 of the threshold to 100x it
+
+
+def erasure_table(snapshots: Mapping[int, tuple[torch.Tensor, torch.Tensor]], quantize: Callable, codebook,
+                  blocksize: int = 64) -> dict[int, dict]:
+    """Per training step: the histogram of log10(|ΔW|/threshold) over `BINS` and the `Erasure` summary.
+
+    Args:
+        snapshots: `{step: (weight, delta)}`; weight is the original W, delta the adapter's ΔW at that step
+            (several layers may be concatenated along dim 0).
+    """
+    table = {}
+    for step, (w, d) in sorted(snapshots.items()):
+        table[step] = {"hist": histogram(erasure_ratio(w, d, quantize, codebook, blocksize), BINS),
+                       "summary": erasure(w, d, quantize, codebook, blocksize)}
+    return table
+
+
+def requant_explorer(table: Mapping[int, dict]) -> widgets.VBox:
+    """A slider over training steps; the histogram shows |ΔW| against the erase threshold (left of the line:
+    requantizing to NF4 rounds the entry back to its old code).
+
+    The box exposes `slider`, `figure`, `bars`, `image`, `readout` and `current` (the step's table entry).
+    """
+    if not table:
+        raise ValueError("the table is empty; build it with erasure_table({step: (weight, delta)}, ...).")
+    steps = sorted(table)
+    slider = widgets.SelectionSlider(options=steps, value=steps[0], description="step", continuous_update=False)
+    slider.add_class("lora-lab-e2e")
+    fig, ax = new_figure(6.0, 3.0)
+    centers, width = (BINS[:-1] + BINS[1:]) / 2, BINS[1] - BINS[0]
+    bars = ax.bar(centers, table[steps[0]]["hist"], width=width, color=PALETTE[0])
+    ax.axvline(0, color=PALETTE[5], linestyle="--", label="erase threshold")
+    ax.set_xlabel("log10(|ΔW| / (½ code gap × absmax))")
+    ax.set_ylabel("fraction of entries")
+    ax.set_ylim(0, max(float(t["hist"].max()) for t in table.values()) * 1.1)
+    ax.legend(fontsize=8)
+    image, readout = widgets.Image(format="png"), widgets.HTML()
+    box = widgets.VBox([slider, image, readout])
+
+    def redraw(_=None):
+        box.current = table[slider.value]
+        for rect, h in zip(bars, box.current["hist"]):
+            rect.set_height(h)
+        image.value = to_png(fig)
+        s = box.current["summary"]
+        readout.value = (f"step {slider.value}: {s.erased:.1%} of ΔW's entries erased by requantization "
+                         f"(half-gap rule predicts {s.predicted:.1%}); {s.kept:.1%} of the update kept")
+
+    slider.observe(redraw, names="value")
+    box.slider, box.figure, box.bars, box.image, box.readout = slider, fig, bars, image, readout
+    redraw()
+    return box
