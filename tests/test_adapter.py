@@ -1,0 +1,226 @@
+"""Adapters round-trip through PEFT's on-disk format, and a failed load changes nothing."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_lab import LoraConfig, apply_lora, count_parameters, lora_layers
+from lora_lab.adapter import load_adapter, save_adapter
+
+peft = pytest.importorskip("peft", reason="the adapter interop tests compare with PEFT (pip install peft)")
+transformers = pytest.importorskip("transformers", reason="the interop tests build a tiny transformers Llama")
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A tiny LlamaForCausalLM built locally (no download), in eval mode."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def randomize(model, names=("lora_A", "lora_B"), seed=0):
+    """Nonzero, reproducible values for the trainable ``names`` (B = 0 at init would make comparisons vacuous)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and any(n in name for n in names):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: type(m) for n, m in model.named_modules()})
+
+
+def assert_unchanged(model, before):
+    tensors, grads, types = snapshot(model)
+    assert types == before[2] and grads == before[1] and tensors.keys() == before[0].keys()
+    assert all(torch.equal(v, before[0][k]) for k, v in tensors.items())
+
+
+@pytest.fixture(scope="module")
+def saved(base, tmp_path_factory):
+    """Our adapter (q/v, rsLoRA) with nonzero weights, saved once; returns (dir, its logits)."""
+    model = randomize(apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True)))
+    path = save_adapter(model, tmp_path_factory.mktemp("ours") / "adapter")
+    return path, model
+
+
+# ---------------------------------------------------------------------------------------- interop
+
+
+def test_peft_loads_our_adapter_with_identical_outputs(base, ids, saved):
+    path, ours = saved
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path)
+    # Same weights, same ops in the same order (base + B(A x) * scaling): bit-identical is expected.
+    assert torch.equal(logits(theirs, ids), logits(ours, ids))
+    assert not torch.equal(logits(ours, ids), logits(base, ids))  # the adapter does change the function
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+    {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "use_rslora": True},
+    {"r": 3, "lora_alpha": 3, "target_modules": r".*\.mlp\.(up|down)_proj"},
+])
+def test_we_load_a_peft_adapter_with_identical_outputs(base, ids, tmp_path, kwargs):
+    theirs = randomize(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs)))
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path)
+    assert set(lora_layers(ours)) == {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                                      if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert torch.equal(logits(ours, ids), logits(theirs, ids))  # same weights, same op order
+
+
+def test_all_linear_selects_what_peft_selects(base):
+    ours = apply_lora(copy.deepcopy(base), LoraConfig(r=2, target_modules="all-linear"))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert {"base_model.model." + n for n in lora_layers(ours)} == {
+        n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}  # lm_head excluded
+    assert tuple(count_parameters(ours)) == theirs.get_nb_trainable_parameters()
+
+
+class Biased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.mid, self.v_proj = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.v_proj(torch.tanh(self.mid(self.q_proj(x))))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_round_trip_both_ways(tmp_path, bias):
+    torch.manual_seed(0)
+    plain, x = Biased(), torch.randn(3, 6)
+    ours = randomize(apply_lora(copy.deepcopy(plain), LoraConfig(r=2, bias=bias)), ("lora_", "bias"))
+    save_adapter(ours, tmp_path / "ours", task_type=None)  # not a causal LM: PEFT's plain PeftModel
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "ours")
+    torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=0)  # same weights, same op order
+    randomize(theirs, ("lora_", "bias"), seed=1)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load_adapter(copy.deepcopy(plain), tmp_path / "theirs")
+    torch.testing.assert_close(back(x), theirs(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- the format
+
+
+def test_on_disk_format_is_peft_format(base, saved):
+    path, model = saved
+    tensors = load_file(path / "adapter_model.safetensors")
+    for name, layer in lora_layers(model).items():
+        a, b = tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"]
+        assert a.shape == (4, layer.in_features) and b.shape == (layer.out_features, 4)
+        assert torch.equal(a, layer.lora_A.weight) and torch.equal(b, layer.lora_B.weight)
+    assert len(tensors) == 2 * len(lora_layers(model))
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert (config["r"], config["lora_alpha"], config["use_rslora"], config["bias"]) == (4, 8, True, "none")
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    theirs = peft.LoraConfig.from_pretrained(path)  # PEFT's own reader accepts it
+    assert (theirs.r, theirs.lora_alpha, theirs.use_rslora, set(theirs.target_modules)) == (
+        4, 8, True, {"q_proj", "v_proj"})
+
+
+def test_round_trip_onto_plain_and_onto_wrapped_model(base, ids, saved):
+    path, ours = saved
+    fresh = load_adapter(copy.deepcopy(base), path)
+    assert torch.equal(logits(fresh, ids), logits(ours, ids))
+    assert fresh.lora_config.r == 4 and fresh.lora_config.use_rslora
+    assert count_parameters(fresh) == count_parameters(ours)  # same parameters trainable
+    wrapped = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True))
+    assert torch.equal(logits(load_adapter(wrapped, path), ids), logits(ours, ids))
+
+
+def test_save_refuses_a_model_without_lora(base, tmp_path):
+    with pytest.raises(ValueError, match="apply_lora"):
+        save_adapter(copy.deepcopy(base), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------ failed loads change nothing
+
+
+def corrupt(path, tmp_path, how):
+    """A copy of the adapter at ``path`` damaged in one way."""
+    out = tmp_path / "bad"
+    out.mkdir()
+    config = json.loads((path / "adapter_config.json").read_text())
+    tensors = load_file(path / "adapter_model.safetensors")
+    blob = (path / "adapter_model.safetensors").read_bytes()
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    if how == "bad_shape":
+        tensors[key] = torch.zeros(4, 7)
+    elif how == "int_dtype":
+        tensors[key] = tensors[key].to(torch.int32)
+    elif how == "unknown_module":
+        tensors[key.replace("layers.0", "layers.9")] = tensors[key].clone()
+    elif how == "missing_tensor":
+        del tensors[key]
+    elif how == "dora":
+        config["use_dora"] = True
+    elif how == "other_peft_type":
+        config["peft_type"] = "IA3"
+    elif how == "wrong_r":
+        config["r"] = 2
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    if how == "truncated":
+        (out / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])
+    elif how == "garbage":
+        (out / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    elif how == "bad_json":
+        (out / "adapter_config.json").write_text("{ not json")
+    elif how == "no_config":
+        (out / "adapter_config.json").unlink()
+    elif how == "pickle_only":
+        (out / "adapter_model.safetensors").rename(out / "adapter_model.bin")
+    return out
+
+
+@pytest.mark.parametrize("how, match", [
+    ("bad_shape", "shape"), ("int_dtype", "floating point"), ("unknown_module", "layers.9"),
+    ("missing_tensor", "missing"), ("dora", "use_dora"), ("other_peft_type", "LORA"), ("wrong_r", "shape"),
+    ("truncated", "damaged or truncated"), ("garbage", "damaged or truncated"), ("bad_json", "JSON"),
+    ("no_config", "adapter_config.json"), ("pickle_only", "pickle"),
+])
+@pytest.mark.parametrize("target", ["plain", "wrapped"])
+def test_failed_load_leaves_the_model_exactly_as_it_was(base, saved, tmp_path, how, match, target):
+    model = copy.deepcopy(base)
+    if target == "wrapped":
+        apply_lora(model, LoraConfig(r=4, lora_alpha=8, use_rslora=True))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match if target == "plain" or how != "wrong_r" else "r=4"):
+        load_adapter(model, corrupt(saved[0], tmp_path, how))
+    assert_unchanged(model, before)
+
+
+def test_load_onto_a_model_with_other_lora_settings_is_refused(base, saved):
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=16))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lora_alpha=16"):
+        load_adapter(model, saved[0])
+    assert_unchanged(model, before)
+
+
+def test_load_from_a_missing_directory(base, tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
