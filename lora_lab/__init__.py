@@ -10,3 +10,4 @@ __version__ = "0.1.0"
 # Public API: each module adds its own line below.
 from .lora import (LoraConfig, LoRALinear, LoRALayer, ParameterCount, apply_lora, count_parameters,  # noqa: F401
                    lora_layers, merge_lora, unload, unmerge_lora)
+from .adapter import load_adapter, save_adapter  # noqa: F401
