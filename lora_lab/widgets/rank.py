@@ -1,0 +1,89 @@
+"""Widgets for notebook 02 (rank effects): a rank slider over precomputed curves, and a live Train panel."""
+
+from __future__ import annotations
+
+import ipywidgets as widgets
+
+from ..plots import rank as plots
+from ._view import FigureView, e2e_slider
+
+
+def curve_explorer(curves: dict, highlight=None, reference: str | None = "full",
+                   ylabel: str = "eval loss") -> widgets.VBox:
+    """A slider over the curves' labels (ranks, computed once when the notebook runs) highlighting one.
+
+    Args:
+        curves: ``{label: (steps, values)}``; labels are ranks, plus ``reference`` (drawn dashed, not on the
+            slider).
+
+    Returns:
+        A VBox(slider, figure) with ``.slider``, ``.view``, ``.artists`` and ``.final`` (highlighted curve's
+        last value).
+    """
+    options = [label for label in curves if label != reference]
+    if not options:
+        raise ValueError("curves needs at least one labeled curve besides the reference.")
+    highlight = options[0] if highlight is None else highlight
+    fig, artists = plots.plot_loss_curves(curves, highlight, reference, ylabel)
+    view = FigureView(fig, animated=[artists["line"], artists["text"]])
+    slider = e2e_slider(widgets.SelectionSlider(options=options, value=highlight, description="rank r"))
+    box = widgets.VBox([slider, view.image])
+
+    def show(label) -> None:
+        box.final = plots.update_loss_curves(artists, label)
+        view.refresh()
+
+    slider.observe(lambda change: show(change["new"]), names="value")
+    box.slider, box.view, box.artists = slider, view, artists
+    show(highlight)
+    return box
+
+
+def train_panel(train_fn, ranks=(1, 2, 4, 8, 16, 32, 64), r: int = 8, alpha: float = 16,
+                max_steps: int = 100, every: int = 5) -> widgets.VBox:
+    """Pick rank and alpha, press Train, watch the curve grow (and a progress bar).
+
+    Args:
+        train_fn: ``train_fn(r, alpha, callback) -> History``; it must call ``callback(history)`` as it trains
+            (`lora_lab.train.finetune`'s ``callback``); the panel redraws every ``every`` steps.
+        max_steps: the x-range of the plot (the number of steps ``train_fn`` runs).
+
+    Returns:
+        A VBox with ``.rank``, ``.alpha``, ``.button``, ``.progress``, ``.status``, ``.view``, ``.artists``
+        and ``.history`` (the last run's History, None before the first).
+    """
+    fig, artists = plots.plot_live(max_steps)
+    view = FigureView(fig, animated=[artists["train"], artists["eval"]])
+    rank_dd = widgets.Dropdown(options=list(ranks), value=r, description="rank r")
+    alpha_slider = widgets.FloatLogSlider(value=alpha, base=2, min=0, max=7, step=1, description="α",
+                                          continuous_update=False)
+    button = widgets.Button(description="Train", button_style="primary", icon="play")
+    progress = widgets.IntProgress(value=0, min=0, max=max_steps, description="steps")
+    status = widgets.HTML("Pick a rank and α, then press Train.")
+    box = widgets.VBox([widgets.HBox([rank_dd, alpha_slider, button]), progress, status, view.image])
+    box.history = None
+
+    def on_step(history) -> None:
+        progress.value = min(history.steps, max_steps)
+        if history.steps % every == 0 or history.steps >= max_steps:
+            plots.update_live(artists, history)
+            view.refresh()
+
+    def run(_=None) -> None:
+        button.disabled = True
+        status.value = f"training r = {rank_dd.value}, α = {alpha_slider.value:g} ..."
+        try:
+            box.history = train_fn(rank_dd.value, alpha_slider.value, on_step)
+            plots.update_live(artists, box.history)
+            view.refresh()
+            final = box.history.eval_loss[-1] if box.history.eval_loss else float("nan")
+            status.value = (f"r = {rank_dd.value}, α = {alpha_slider.value:g}: {box.history.steps} steps, "
+                            f"final eval loss {final:.3f}")
+        finally:
+            button.disabled = False
+
+    button.on_click(run)
+    box.rank, box.alpha, box.button, box.progress, box.status, box.view, box.artists = (
+        rank_dd, alpha_slider, button, progress, status, view, artists)
+    box.run = run
+    return box
