@@ -11,3 +11,5 @@ __version__ = "0.1.0"
 from .lora import (LoraConfig, LoRALinear, LoRALayer, ParameterCount, apply_lora, count_parameters,  # noqa: F401
                    lora_layers, merge_lora, unload, unmerge_lora)
 from .adapter import load_adapter, save_adapter  # noqa: F401
+from .train import History, StopTraining, finetune  # noqa: F401
+from .memory import Estimate, MemoryBreakdown, estimate, measure  # noqa: F401

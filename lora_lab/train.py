@@ -251,7 +251,6 @@ def _check_args(model, task, method, config, steps, lr, batch_size, eval_every, 
 
 
 def _split_size(task, split: str) -> int | None:
-    sizes = getattr(task, "split_sizes", None)
-    if isinstance(sizes, dict) and split in sizes:
-        return int(sizes[split])
-    return None
+    """Number of examples in ``task.<split>`` (a list of examples), or None if the task does not say."""
+    examples = getattr(task, split, None)
+    return len(examples) if hasattr(examples, "__len__") else None
