@@ -52,3 +52,18 @@ def test_rank_and_targets_only_move_adapter_methods():
     box.controls["target_modules"].value = "all linear"
     diff = box.current.totals - low
     assert diff[0] == 0 and diff[1] > 0 and diff[2] > 0
+
+
+def test_depth_extrapolation_equals_full_depth_estimate():
+    from lora_lab.memory import estimate
+    from lora_lab.model import LlamaConfig
+    from lora_lab.widgets.scale import depth_extrapolated
+
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=7,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    fast = depth_extrapolated(estimate, lambda name: cfg)
+    for method, gc in (("lora", True), ("full", False)):
+        kw = dict(r=4, batch_size=2, seq_len=16, gradient_checkpointing=gc)
+        want, got = estimate(cfg, method, **kw), fast("tiny", method, **kw)
+        assert got.breakdown.as_dict() == want.breakdown.as_dict()  # exact: every category is linear in depth
+        assert (got.trainable_params, got.total_params) == (want.trainable_params, want.total_params)

@@ -6,6 +6,7 @@ without calling the estimator again.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import ipywidgets as widgets
@@ -94,3 +95,37 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
         w.observe(redraw, names="value")
     redraw()
     return box
+
+
+def depth_extrapolated(estimate: Callable[..., object], model_config: Callable[[str], object]):
+    """A fast `estimate` for deep presets: run it on 2- and 3-layer copies of the config and extend by depth.
+
+    From two layers on, every category is linear in the number of decoder layers L: each layer adds its
+    weights, gradients, optimizer state and saved activations (with gradient checkpointing: its input; the
+    last layer keeps all of its activations at every depth). So  m(L) = m(2) + (L − 2) · (m(3) − m(2))
+    exactly, for a cost of five layers instead of L (the notebook checks it against a full-depth estimate).
+    (One layer is a special case: its input is the embedding output, which it saves anyway.)
+
+    Args:
+        estimate: `lora_lab.memory.estimate`; `model_config`: preset name -> LlamaConfig (a dataclass).
+
+    Returns:
+        `call(preset, method, **kwargs)` returning the estimate's own dataclass, with the preset's name.
+    """
+    def call(preset, method, **kwargs):
+        cfg = model_config(preset)
+        depth = cfg.num_hidden_layers
+        if depth <= 3:
+            return estimate(preset, method, **kwargs)
+        e1, e2 = (estimate(dataclasses.replace(cfg, num_hidden_layers=n), method, **kwargs) for n in (2, 3))
+
+        def grow(a, b):
+            return a + (depth - 2) * (b - a)
+
+        b1, b2 = e1.breakdown.as_dict(), e2.breakdown.as_dict()
+        breakdown = dataclasses.replace(e1.breakdown, **{k: grow(b1[k], b2[k]) for k in b1})
+        return dataclasses.replace(e1, model=preset if isinstance(preset, str) else e1.model, breakdown=breakdown,
+                                   trainable_params=grow(e1.trainable_params, e2.trainable_params),
+                                   total_params=grow(e1.total_params, e2.total_params))
+
+    return call
