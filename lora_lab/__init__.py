@@ -11,5 +11,8 @@ __version__ = "0.1.0"
 from .lora import (LoraConfig, LoRALinear, LoRALayer, ParameterCount, apply_lora, count_parameters,  # noqa: F401
                    lora_layers, merge_lora, unload, unmerge_lora)
 from .adapter import load_adapter, save_adapter  # noqa: F401
+from .model import LlamaConfig, LlamaForCausalLM, generate, load_base_model  # noqa: F401
+from .data import get_tokenizer, load_task, pretraining_corpus  # noqa: F401
+from .hf import export_hf, import_hf  # noqa: F401
 from .train import History, StopTraining, finetune  # noqa: F401
 from .memory import Estimate, MemoryBreakdown, estimate, measure  # noqa: F401

@@ -37,7 +37,7 @@ class LlamaConfig:
     untrained, e.g. on the meta device for a memory estimate.
     """
 
-    vocab_size: int = 40
+    vocab_size: int = 34
     hidden_size: int = 128
     intermediate_size: int = 352
     num_hidden_layers: int = 4
