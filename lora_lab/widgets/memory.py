@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
 
-from ..plots.memory import (UNITS, breakdown_dict, new_figure, plot_stacked_bars, plot_timeline, stacked_bar_data,
-                            to_png, update_stacked_bars)
+from ..plots.memory import (UNITS, breakdown_dict, new_figure, plot_stacked_bars, plot_timeline,
+                            stacked_bar_data, to_png, update_stacked_bars)
+from ._view import FigureView
 
 GridKey = tuple[int, int, int]  # (r, batch_size, seq_len)
 
@@ -68,7 +69,8 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
     _, bars = plot_stacked_bars(data, ax=ax, title="measured memory")
     ymax = max(stacked_bar_data(row, unit).totals.max() for row in grid.values())
     ax.set_ylim(0, ymax * 1.15)  # fixed axis over the whole grid, so bar heights compare across moves
-    image, readout = widgets.Image(format="png"), widgets.HTML()
+    view = FigureView(fig, animated=[rect for container in bars.values() for rect in container])
+    image, readout = view.image, widgets.HTML()
     box = widgets.VBox([widgets.HBox(list(sliders.values())[:2]), sliders["seq_len"], image, readout])
     for s in sliders.values():
         s.add_class("lora-lab-e2e")
@@ -77,13 +79,13 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
         key = tuple(sliders[n].value for n in names)
         box.current = stacked_bar_data(grid[key], unit)
         update_stacked_bars(bars, box.current)
-        image.value = to_png(fig)
+        view.refresh()  # axes limits are fixed over the grid: only the bars are redrawn (blitting)
         totals = ", ".join(f"{m}: {t:,.2f} {unit}" for m, t in zip(box.current.labels, box.current.totals))
         readout.value = f"r={key[0]}, batch_size={key[1]}, seq_len={key[2]} &rarr; {totals}"
 
     for s in sliders.values():
         s.observe(redraw, names="value")
-    box.sliders, box.figure, box.bars, box.image, box.readout = sliders, fig, bars, image, readout
+    box.sliders, box.figure, box.bars, box.image, box.readout, box.view = sliders, fig, bars, image, readout, view
     redraw()
     return box
 

@@ -8,8 +8,9 @@ import ipywidgets as widgets
 import numpy as np
 import torch
 
-from ..plots.memory import PALETTE, new_figure, to_png
+from ..plots.memory import PALETTE, new_figure
 from ..plots.merge import erasure, erasure_ratio, histogram
+from ._view import FigureView
 
 BINS = np.linspace(-3.0, 2.0, 51)  # log10(|ΔW| / threshold): from 1/1000 of the threshold to 100x it
 
@@ -48,19 +49,20 @@ def requant_explorer(table: Mapping[int, dict]) -> widgets.VBox:
     ax.set_ylabel("fraction of entries")
     ax.set_ylim(0, max(float(t["hist"].max()) for t in table.values()) * 1.1)
     ax.legend(fontsize=8)
-    image, readout = widgets.Image(format="png"), widgets.HTML()
+    view = FigureView(fig, animated=list(bars))
+    image, readout = view.image, widgets.HTML()
     box = widgets.VBox([slider, image, readout])
 
     def redraw(_=None):
         box.current = table[slider.value]
         for rect, h in zip(bars, box.current["hist"]):
             rect.set_height(h)
-        image.value = to_png(fig)
+        view.refresh()  # fixed axes: only the bars are redrawn (blitting)
         s = box.current["summary"]
         readout.value = (f"step {slider.value}: {s.erased:.1%} of ΔW's entries erased by requantization "
                          f"(half-gap rule predicts {s.predicted:.1%}); {s.kept:.1%} of the update kept")
 
     slider.observe(redraw, names="value")
-    box.slider, box.figure, box.bars, box.image, box.readout = slider, fig, bars, image, readout
+    box.slider, box.figure, box.bars, box.image, box.readout, box.view = slider, fig, bars, image, readout, view
     redraw()
     return box
