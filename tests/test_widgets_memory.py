@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np
+import torch
 import pytest
 
 from lora_lab.widgets.memory import MemoryDashboard, measure_grid, memory_explorer
@@ -83,3 +84,18 @@ def test_dashboard_rejects_unknown_method():
     dash = MemoryDashboard(("lora",), CATS)
     with pytest.raises(ValueError):
         dash.update("qlora", 1, {})
+
+
+def test_tiny_measure_counts_a_real_step():
+    from lora_lab.model import LlamaConfig, LlamaForCausalLM
+    from lora_lab.widgets.memory import tiny_measure
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    measure = tiny_measure(base)
+    lora4, lora8 = (measure("lora", r=r, batch_size=2, seq_len=8).as_dict() for r in (4, 8))
+    # q_proj and v_proj in 2 layers: A (r x 32) + B (out x r); doubling r doubles the adapters exactly
+    assert lora8["trainable_weights"] == 2 * lora4["trainable_weights"] > 0
+    assert measure("full", r=4, batch_size=2, seq_len=8).as_dict()["frozen_weights"] == 0
+    assert all(p.requires_grad for p in base.parameters())  # the base model itself is left untouched

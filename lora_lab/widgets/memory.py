@@ -46,6 +46,33 @@ def measure_grid(measure: Callable[..., object], methods: Sequence[str], ranks: 
     return grid
 
 
+def tiny_measure(base_model, target_modules=("q_proj", "v_proj"), device=None, seed: int = 0):
+    """A `measure(method, r=, batch_size=, seq_len=)` for `measure_grid`: one real training step on a fresh copy
+    of `base_model` prepared as `finetune` prepares it, counted by `lora_lab.memory.measure`.
+
+    The batch is random token ids (memory does not depend on their values); `lora_alpha = 2r`.
+    """
+    import copy
+
+    import torch
+
+    from ..lora import LoraConfig
+    from ..memory import measure
+    from ..train import prepare_model
+
+    vocab = base_model.config.vocab_size
+
+    def run(method, *, r, batch_size, seq_len):
+        model = prepare_model(copy.deepcopy(base_model).to(device or "cpu"), method,
+                              None if method == "full" else LoraConfig(r=r, lora_alpha=2 * r,
+                                                                       target_modules=target_modules))
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device or "cpu")
+        return measure(model, (ids, ids))
+
+    return run
+
+
 def _axis_values(grid: Mapping[GridKey, object], i: int) -> list[int]:
     return sorted({k[i] for k in grid})
 
