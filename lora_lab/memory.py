@@ -324,7 +324,7 @@ def model_config(model):
         return model
     if isinstance(model, str) and model in PRESETS:
         return LlamaConfig(**PRESETS[model])
-    raise ValueError(f"model must be a LlamaConfig or one of {sorted(PRESETS)}, got {model!r}.")
+    raise ValueError(f"model must be a LlamaConfig or a preset name, one of {sorted(PRESETS)}; got {model!r}.")
 
 
 def estimate(model, method: str, *, r: int = 8, target_modules=("q_proj", "v_proj"), batch_size: int = 1,
