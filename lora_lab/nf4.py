@@ -370,12 +370,15 @@ def _bin_tables(code: torch.Tensor, bins_half: float = 1024.0):
     sorted_code = code[order]
     thresholds = (sorted_code[:-1] + sorted_code[1:]) / 2
     threshold_bins = (thresholds * bins_half + bins_half).long()
-    assert threshold_bins.unique().numel() == thresholds.numel(), "bins must hold one threshold at most"
+    inside = threshold_bins[threshold_bins >= 0]
+    assert inside.unique().numel() == inside.numel(), "bins must hold one threshold at most"
     n_bins = int(2 * bins_half) + 1
     bin_base = torch.zeros(n_bins, dtype=torch.long, device=code.device)
     bin_threshold = torch.full((n_bins,), math.inf, device=code.device)
     for t, b in zip(thresholds, threshold_bins.tolist()):
-        bin_base[b + 1:] += 1
+        bin_base[max(b + 1, 0):] += 1  # int4's -15/14 lies below -1: every scaled value is above it
+        if b < 0:
+            continue
         bin_threshold[b] = t
     return bin_base, bin_threshold, order, bins_half
 
@@ -406,7 +409,7 @@ def _fast_dequantize(packed, absmax, code, blocksize, n):
 
 
 def _check_choice(name: str, value, choices) -> None:
-    if value not in choices or isinstance(value, bool):
+    if type(value) is not type(choices[0]) or value not in choices:  # also refuses 64.0 and True
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
