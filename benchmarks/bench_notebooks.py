@@ -41,6 +41,9 @@ NOTEBOOKS = [
     "notebooks/01_lora_from_scratch.ipynb",
     "notebooks/02_rank_effects.ipynb",
     "notebooks/03_nf4_quantization.ipynb",
+    "notebooks/04_qlora_memory.ipynb",
+    "notebooks/05_memory_at_scale.ipynb",
+    "notebooks/06_merge_save_share.ipynb",
 ]
 
 
@@ -76,7 +79,45 @@ def _lora_scaling_explorer():
     return scaling_explorer()
 
 
+def _memory_explorer():  # 04: a grid measured on the tiny model (random weights: memory ignores values)
+    from lora_lab.model import LlamaConfig, LlamaForCausalLM
+    from lora_lab.widgets.memory import measure_grid, memory_explorer, tiny_measure
+
+    measure = tiny_measure(LlamaForCausalLM(LlamaConfig()))
+    return memory_explorer(measure_grid(measure, ("full", "lora"), (2, 16), (4, 16), (16, 64)))
+
+
+def _fit_explorer():  # 05: every move is a new setting, so each one runs the (depth-extrapolated) estimator
+    from lora_lab.memory import PRESETS, estimate, model_config
+    from lora_lab.widgets.scale import depth_extrapolated, fit_explorer
+
+    return fit_explorer(depth_extrapolated(estimate, model_config), list(PRESETS), methods=("full", "lora"),
+                        preset="llama-65b")
+
+
+def _requant_explorer():  # 06: ΔW of growing size on a real-sized weight, real NF4
+    import torch
+
+    from lora_lab.nf4 import nf4_codebook, quantize_nf4
+    from lora_lab.widgets.merge import erasure_table, requant_explorer
+
+    g = torch.Generator().manual_seed(0)
+    w, d = torch.randn(128, 128, generator=g) * 0.05, torch.randn(128, 128, generator=g)
+    return requant_explorer(erasure_table({s: (w, d * 1e-5 * s) for s in (1, 10, 100, 1000)}, quantize_nf4,
+                                          nf4_codebook()))
+
+
 WIDGETS: list[WidgetCase] = [
+    WidgetCase("04 memory_explorer (r, batch_size, seq_len)", _memory_explorer,
+               lambda box: [(box.sliders["r"], 16), (box.sliders["batch_size"], 16), (box.sliders["seq_len"], 64),
+                            (box.sliders["r"], 2), (box.sliders["batch_size"], 4), (box.sliders["seq_len"], 16)]),
+    WidgetCase("05 fit_explorer (seq_len, r: new settings)", _fit_explorer,
+               lambda box: [(box.controls["seq_len"], v) for v in (1024, 2048, 256)]
+               + [(box.controls["r"], v) for v in (16, 64, 4)]),
+    WidgetCase("05 fit_explorer (cached revisits)", _fit_explorer,
+               lambda box: [(box.controls["seq_len"], v) for v in (1024, 512, 1024, 512, 1024, 512)]),
+    WidgetCase("06 requant_explorer (training step)", _requant_explorer,
+               lambda box: [(box.slider, v) for v in (10, 100, 1000, 1, 100, 10)]),
     WidgetCase("01 rank_explorer (rank slider)", _lora_rank_explorer,
                lambda box: [(box.slider, v) for v in (1, 2, 4, 8, 16, 32, 64, 3, 24, 12, 48)]),
     WidgetCase("01 scaling_explorer (alpha, rank)", _lora_scaling_explorer,

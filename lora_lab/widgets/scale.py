@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 
 import ipywidgets as widgets
 
-from ..plots.memory import to_png, update_stacked_bars
+from ..plots.memory import update_stacked_bars
 from ..plots.scale import ALL_LINEAR, GPU_SIZES_GB, QV, estimate_bars_data, fits_on, plot_fit
+from ._view import FigureView
 
 TARGETS = {"q_proj, v_proj": QV, "all linear": ALL_LINEAR}
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -75,7 +76,11 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
         return estimate_bars_data({m: est(controls["preset"].value, m, **_kwargs(controls)) for m in methods})
 
     fig, ax, bars = plot_fit(data(), gpu_sizes, title="estimated training memory")
-    image, readout = widgets.Image(format="png"), widgets.HTML()
+    top = 1.25 * max(gpu_sizes)
+    ax.set_ylim(0, top)  # fixed, so a move redraws only bars and labels; taller bars are clipped and labelled
+    labels = [ax.text(i, 0, "", ha="center", va="bottom", fontsize=8) for i in range(len(methods))]
+    view = FigureView(fig, animated=[r for c in bars.values() for r in c] + labels)
+    image, readout = view.image, widgets.HTML()
     c = controls
     box = widgets.VBox([widgets.HBox([c["preset"], c["optimizer"]]), widgets.HBox([c["r"], c["target_modules"]]),
                         widgets.HBox([c["batch_size"], c["seq_len"]]), c["gradient_checkpointing"], image, readout])
@@ -83,14 +88,17 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
     def redraw(_=None):
         box.current = data()
         update_stacked_bars(bars, box.current)
-        ax.set_ylim(0, max(float(box.current.totals.max()), max(gpu_sizes)) * 1.1)
-        image.value = to_png(fig)
+        for label, total in zip(labels, box.current.totals):
+            label.set_position((label.get_position()[0], min(total, 0.93 * top)))
+            label.set_text(f"{total:,.1f} GiB" + (" (clipped)" if total > top else ""))
+        view.refresh()
         readout.value = "<br>".join(
             f"<b>{m}</b>: {t:,.1f} GiB &rarr; fits on: "
             f"{', '.join(f'{g:g} GB' for g in fits_on(t * 2**30, gpu_sizes)) or 'none of these GPUs'}"
             for m, t in zip(box.current.labels, box.current.totals))
 
     box.controls, box.figure, box.bars, box.image, box.readout, box.estimate = controls, fig, bars, image, readout, est
+    box.labels, box.view = labels, view
     for w in controls.values():
         w.observe(redraw, names="value")
     redraw()
