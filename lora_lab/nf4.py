@@ -199,7 +199,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     _check_weight(w)
     _check_choice("quant_type", quant_type, QUANT_TYPES)
     _check_choice("blocksize", blocksize, BLOCKSIZES)
-    code = _cached_code(quant_type).to(w.device)
+    code = _cached_code(quant_type).to(w.device, copy=True)  # each weight owns its codebook tensor
     use_fast = w.numel() >= 2**22 if fast is None else fast
     packed, absmax = (_fast_codes if use_fast else quantize_blocks)(w.reshape(-1), code, blocksize)
     fields = dict(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code)

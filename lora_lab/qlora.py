@@ -1,0 +1,284 @@
+"""QLoRA: LoRA on top of a frozen 4-bit NF4 base (Dettmers et al. 2023, arXiv 2305.14314, §3, Eq. 5).
+
+    Y = X · doubleDequant(c1, c2, W_NF4)^T + s · X L1 L2
+
+The base weight is stored only as NF4 (one storage type) and dequantized to ``compute_dtype`` for each
+matmul (one compute type); the adapters ``lora_A``/``lora_B`` train in higher precision. "Wrap, don't
+subclass": `NF4Linear` is the frozen 4-bit layer and `QLoRALinear` is `LoRALinear` wrapped around it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lora import LoraConfig, LoRALinear, _mark_trainable, _output_head_names, _set_submodule, lora_targets
+from .nf4 import QuantizedWeight, quantize
+
+BACKENDS = ("torch", "bitsandbytes")
+_STATE_TENSORS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
+
+
+class _DequantizeMatmul(torch.autograd.Function):
+    """``x @ dequantize(W)^T`` whose backward recomputes ``dequantize(W)``.
+
+    # Note: why the dequantized weight is not saved for backward
+    Autograd would keep ``W`` (out, in) in ``compute_dtype`` alive from forward to backward for every layer,
+    i.e. 16-bit weights for the whole model: the memory QLoRA set out to save. The input gradient
+    ``dL/dx = dL/dy · W`` needs ``W`` again, so backward dequantizes a second time (cheap next to the matmul).
+    ``W`` is frozen, so no ``dL/dW`` is ever formed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, q: QuantizedWeight):
+        ctx.q = q
+        return x @ q.dequantize(x.dtype).T  # (..., in) @ (in, out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ ctx.q.dequantize(grad_out.dtype), None  # (..., out) @ (out, in)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight lives only as 4-bit codes (like ``bnb.nn.Linear4bit``).
+
+    ``forward(x) = x @ dequantize(W)^T + bias`` in ``compute_dtype``; the output has ``x``'s dtype.
+    The codes and scales are buffers (``weight`` holds the packed bytes), so ``state_dict`` saves them and
+    no optimizer sees them.
+
+    Args:
+        in_features, out_features: the logical shape of ``W`` is (out_features, in_features).
+        bias: an optional (out_features,) tensor, kept as a frozen Parameter in ``compute_dtype``.
+        quant_state: the `QuantizedWeight` of ``W``.
+        compute_dtype: matmul dtype; default bfloat16 on GPU, float32 on CPU.
+        backend: "torch" (readable, `lora_lab.nf4`) or "bitsandbytes" (``bnb.matmul_4bit``), same numbers.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, quant_state: QuantizedWeight,
+                 compute_dtype: torch.dtype | None = None, backend: str = "torch"):
+        super().__init__()
+        if not isinstance(quant_state, QuantizedWeight) or tuple(quant_state.shape) != (out_features, in_features):
+            raise ValueError(f"quant_state must be a QuantizedWeight of shape ({out_features}, {in_features}).")
+        if backend not in BACKENDS or (backend == "bitsandbytes" and quant_state.quant_type == "int4"):
+            raise ValueError(f"backend must be one of {BACKENDS} (bitsandbytes has no int4 kernel), got {backend!r}.")
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        device = quant_state.packed.device
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.weight_dtype, self.blocksize, self.quant_type = quant_state.dtype, quant_state.blocksize, quant_state.quant_type
+        self.register_buffer("weight", quant_state.packed)
+        for name in _STATE_TENSORS:
+            self.register_buffer(name, getattr(quant_state, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(self.compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
+                    compute_dtype: torch.dtype | None = None, backend: str = "torch") -> NF4Linear:
+        """Quantize an ``nn.Linear``'s weight; the result no longer refers to the original weight."""
+        with torch.no_grad():
+            q = quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
+        return cls(linear.in_features, linear.out_features, linear.bias, q, compute_dtype, backend)
+
+    @property
+    def quant_state(self) -> QuantizedWeight:
+        """The `QuantizedWeight` built from this layer's buffers (they are shared, not copied)."""
+        tensors = {name: getattr(self, name) for name in _STATE_TENSORS}
+        return QuantizedWeight(packed=self.weight, shape=(self.out_features, self.in_features),
+                               dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                               **tensors)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W`` (out, in) dequantized, in ``dtype`` (default: the original weight's dtype)."""
+        return self.quant_state.dequantize(dtype)
+
+    def logical_numel(self) -> int:
+        """Weights this layer stands for: ``out * in`` (+ bias), not the packed byte count (PEFT #1020)."""
+        return self.out_features * self.in_features + (0 if self.bias is None else self.bias.numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out)."""
+        x_c = x.to(self.compute_dtype)
+        if self.backend == "torch":
+            out = _DequantizeMatmul.apply(x_c, self.quant_state)
+        else:
+            import bitsandbytes as bnb
+            out = bnb.matmul_4bit(x_c, self.weight.reshape(-1, 1).t(), quant_state=_bnb_state(self.quant_state))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        q = self.quant_state
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.quant_type}, blocksize={self.blocksize}, double_quant={q.nested}, "
+                f"compute_dtype={self.compute_dtype}, backend={self.backend!r}")
+
+
+class QLoRALinear(LoRALinear):
+    """`LoRALinear` around an `NF4Linear`: ``h = dequant(W_NF4) x + scaling · B A dropout(x)`` (QLoRA Eq. 5).
+
+    Args:
+        base: an ``nn.Linear`` (quantized here) or an `NF4Linear`.
+        r, lora_alpha, lora_dropout, use_rslora: as in `LoRALinear`.
+        blocksize, double_quant, quant_type, compute_dtype, backend: as in `NF4Linear.from_linear`.
+    """
+
+    def __init__(self, base: nn.Module, r: int, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
+                 compute_dtype: torch.dtype | None = None, backend: str = "torch"):
+        if isinstance(base, nn.Linear):
+            base = NF4Linear.from_linear(base, blocksize, double_quant, quant_type, compute_dtype, backend)
+        if not isinstance(base, NF4Linear):
+            raise TypeError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}.")
+        super().__init__(base, r, lora_alpha, lora_dropout, use_rslora)
+
+    def delta_weight_fp32(self) -> torch.Tensor:
+        """``scaling · B @ A`` (out, in) in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+
+def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, double_quant: bool = True,
+                compute_dtype: torch.dtype | None = None, backend: str = "torch", quant_type: str = "nf4") -> nn.Module:
+    """Quantize every ``nn.Linear`` except the output head to 4 bits and put adapters on ``config``'s targets.
+
+    Everything is checked (targets, weights finite, options) and every layer quantized before the model is
+    touched, so a failure leaves it unchanged. Only ``lora_A``/``lora_B`` (and biases per ``config.bias``) train.
+
+    Returns:
+        The same model object.
+    """
+    targets = set(lora_targets(model, config))
+    linears = [n for n, m in model.named_modules() if n and type(m) is nn.Linear]
+    heads = _output_head_names(model, linears)
+    not_linear = sorted(t for t in targets if type(model.get_submodule(t)) is not nn.Linear or t in heads)
+    if not_linear:
+        raise TypeError(f"apply_qlora quantizes plain nn.Linear layers other than the output head; {not_linear} "
+                        "are not. Narrow target_modules.")
+    options = dict(blocksize=blocksize, double_quant=double_quant, quant_type=quant_type,
+                   compute_dtype=compute_dtype, backend=backend)
+    new = {}
+    for name in linears:
+        if name in heads:
+            continue
+        nf4_layer = NF4Linear.from_linear(model.get_submodule(name), **options)
+        new[name] = (QLoRALinear(nf4_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+                     if name in targets else nf4_layer)
+    for name, module in new.items():
+        _set_submodule(model, name, module)
+    _mark_trainable(model, config.bias)
+    model.lora_config = config
+    return model
+
+
+@dataclass(frozen=True)
+class RequantizationReport:
+    """Per-layer effect of requantizing ``dequant(W) + ΔW`` to NF4 (PEFT #2321, unsloth-zoo #810).
+
+    ``max_abs_error``/``mean_abs_error``: |requantized - merged| per weight; ``mean_abs_delta``: mean |ΔW|.
+    When the error is as large as the delta, requantization has mostly erased the fine-tune.
+    """
+
+    max_abs_error: dict[str, float]
+    mean_abs_error: dict[str, float]
+    mean_abs_delta: dict[str, float]
+
+
+def merge_and_unload(model: nn.Module, *, requantize: bool = False):
+    """Fold each adapter into its base: ``W' = dequant(W_NF4) + scaling · B A``.
+
+    With ``requantize=False`` every 4-bit layer becomes an ``nn.Linear`` in its original dtype; returns the
+    model. With ``requantize=True`` the merged weights are quantized again (same settings) and
+    ``(model, RequantizationReport)`` is returned.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    if not layers:
+        raise ValueError("The model has no QLoRA layers; call apply_qlora(model, config) first.")
+    errors = ({}, {}, {})
+    with torch.no_grad():
+        for name, layer in layers.items():
+            base = layer.base_layer
+            delta = layer.delta_weight_fp32()
+            merged = (base.dequantized_weight(torch.float32) + delta).to(base.weight_dtype)
+            if requantize:
+                q = quantize(merged, base.quant_type, base.blocksize, base.quant_state.nested)
+                replacement = NF4Linear(base.in_features, base.out_features, base.bias, q, base.compute_dtype,
+                                        base.backend)
+                error = (q.dequantize(torch.float32) - merged.float()).abs()
+                for table, value in zip(errors, (error.max(), error.mean(), delta.abs().mean())):
+                    table[name] = float(value)
+            else:
+                replacement = _to_linear(base, merged)
+            _set_submodule(model, name, replacement)
+        if not requantize:
+            for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
+                _set_submodule(model, name, _to_linear(module, module.dequantized_weight()))
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return (model, RequantizationReport(*errors)) if requantize else model
+
+
+def quantized_memory_report(model: nn.Module) -> dict[str, int]:
+    """Bytes each module stores in its own parameters and buffers (packed 4-bit codes count as bytes).
+
+    Returns:
+        ``{module name: bytes}`` for every module that holds tensors, plus ``"total"``.
+    """
+    report = {}
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if own:
+            report[name or "(root)"] = sum(t.numel() * t.element_size() for t in own)
+    report["total"] = sum(report.values())
+    return report
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Save a (Q)LoRA-quantized model's state_dict with safetensors, plus each 4-bit layer's settings."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"lora_lab.nf4_layers": json.dumps(_layer_settings(model))})
+
+
+def load_quantized(model: nn.Module, path: str) -> nn.Module:
+    """Load `save_quantized` output into a model of the same structure; checks names, shapes and dtypes first."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+        settings = json.loads((f.metadata() or {}).get("lora_lab.nf4_layers", "{}"))
+    expected = model.state_dict()
+    problems = sorted(set(saved) ^ set(expected))
+    problems += [f"{k}: saved {tuple(saved[k].shape)} {saved[k].dtype}, model {tuple(v.shape)} {v.dtype}"
+                 for k, v in expected.items() if k in saved and (saved[k].shape != v.shape or saved[k].dtype != v.dtype)]
+    if settings != _layer_settings(model):
+        problems.append("4-bit layer settings (blocksize, quant_type, dtype) differ")
+    if problems:
+        raise ValueError("The file does not fit this model (apply_qlora with the same config first): "
+                         + "; ".join(map(str, problems[:10])))
+    model.load_state_dict(saved)
+    return model
+
+
+def _layer_settings(model: nn.Module) -> dict:
+    return {n: [m.blocksize, m.quant_type, str(m.weight_dtype), m.in_features, m.out_features]
+            for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+def _to_linear(layer: NF4Linear, weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    linear.weight.data.copy_(weight)
+    if layer.bias is not None:
+        linear.bias.data.copy_(layer.bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+def _bnb_state(q: QuantizedWeight):
+    """The same tensors as a ``bitsandbytes.functional.QuantState``."""
+    from bitsandbytes.functional import QuantState
+    nested = QuantState(absmax=q.nested_absmax, code=q.nested_code, blocksize=q.nested_blocksize,
+                        dtype=torch.float32) if q.nested else None
+    return QuantState(absmax=q.absmax, shape=q.shape, code=q.code, blocksize=q.blocksize, quant_type=q.quant_type,
+                      dtype=q.dtype, offset=q.offset, state2=nested)

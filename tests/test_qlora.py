@@ -1,0 +1,155 @@
+"""lora_lab.qlora: QLoRA equals LoRA on the dequantized weight, both backends agree, merge and save work."""
+
+import pytest
+import torch
+from torch import nn
+
+from lora_lab import nf4
+from lora_lab.lora import LoraConfig, LoRALinear, count_parameters
+from lora_lab.qlora import (NF4Linear, QLoRALinear, apply_qlora, load_quantized, merge_and_unload,
+                            quantized_memory_report, save_quantized)
+
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is the second QLoRA backend")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.q_proj, self.v_proj, self.up_proj = nn.Linear(64, 64), nn.Linear(64, 64, bias=False), nn.Linear(64, 128)
+        self.lm_head = nn.Linear(128, 50, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.lm_head(self.up_proj(self.q_proj(h) + self.v_proj(h)))
+
+
+def trained_qlora(backend="torch", seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(128, 64)
+    layer = QLoRALinear(base, r=4, lora_alpha=8, backend=backend)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)  # a non-zero update, as after some training
+    return layer
+
+
+def test_qlora_equals_lora_on_the_dequantized_weight():
+    layer = trained_qlora()
+    dense = nn.Linear(128, 64)
+    with torch.no_grad():
+        dense.weight.copy_(layer.base_layer.dequantized_weight())
+        dense.bias.copy_(layer.base_layer.bias)
+    lora = LoRALinear(dense, r=4, lora_alpha=8)
+    lora.load_state_dict({k: v for k, v in layer.state_dict().items() if "lora_" in k}, strict=False)
+    x = torch.randn(3, 5, 128)
+    # Same fp32 operations in the same order: equal up to matmul blocking differences (a few ulps).
+    torch.testing.assert_close(layer(x), lora(x), rtol=1e-6, atol=1e-6)
+
+
+def test_base_weight_is_only_4bit_buffers_and_gradients_reach_input_and_adapters_only():
+    layer = trained_qlora()
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    assert layer.base_layer.weight.dtype == torch.uint8 and "weight" in dict(layer.base_layer.named_buffers())
+    x = torch.randn(4, 128, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.lora_A.weight.grad is not None and layer.base_layer.bias.grad is None
+
+
+def test_backward_does_not_keep_the_dequantized_weight():
+    layer = trained_qlora()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        layer(torch.randn(2, 128, requires_grad=True)).sum()
+    assert (64, 128) not in saved and (128, 64) not in saved
+
+
+def test_input_gradient_equals_the_dense_layer():
+    layer = trained_qlora()
+    w = layer.base_layer.dequantized_weight().requires_grad_(False)
+    x = torch.randn(6, 128, requires_grad=True)
+    layer.base_layer(x).sum().backward()
+    # d(sum(x W^T))/dx = ones @ W; the same fp32 numbers summed in one matmul: ulp-level differences only.
+    torch.testing.assert_close(x.grad, torch.ones(6, 64) @ w, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_and_bitsandbytes_backends_give_the_same_outputs_and_gradients():
+    results = []
+    for backend in ("torch", "bitsandbytes"):
+        layer = trained_qlora(backend)
+        x = torch.randn(2, 7, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = layer(x)
+        out.square().mean().backward()
+        results.append((out, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    assert torch.equal(trained_qlora("torch").base_layer.weight, trained_qlora("bitsandbytes").base_layer.weight)
+    for a, b in zip(*results):
+        # Same dequantized fp32 weight; the matmuls may be blocked differently: fp32 rounding only.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_qlora_quantizes_all_linears_but_the_head_and_wraps_the_targets():
+    model = Tiny()
+    apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    assert isinstance(model.q_proj, QLoRALinear) and isinstance(model.v_proj, QLoRALinear)
+    assert isinstance(model.up_proj, NF4Linear) and type(model.lm_head) is nn.Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.lora_{x}.weight" for m in ("q_proj", "v_proj") for x in "AB"}
+
+
+def test_parameter_count_is_logical_not_packed():
+    model = Tiny()
+    before = count_parameters(model).total
+    apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    assert count_parameters(model).total == before + 2 * 4 * (64 + 64)  # + the adapters, nothing halved
+
+
+def test_apply_qlora_checks_before_changing_anything():
+    model = Tiny()
+    with torch.no_grad():
+        model.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj",)))
+    assert type(model.q_proj) is nn.Linear and type(model.up_proj) is nn.Linear
+    with pytest.raises(ValueError, match="matched no module"):
+        apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("k_proj",)))
+
+
+def test_merge_and_unload_returns_dense_layers_with_the_update():
+    model = Tiny()
+    apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    nn.init.normal_(model.q_proj.lora_B.weight, std=0.1)
+    ids = torch.randint(0, 50, (2, 9))
+    expected = model(ids)
+    merged = merge_and_unload(model)
+    assert all(type(m) is nn.Linear for m in (merged.q_proj, merged.v_proj, merged.up_proj))
+    torch.testing.assert_close(merged(ids), expected, rtol=1e-5, atol=1e-5)  # fp32 reassociation of W x + B A x
+
+
+def test_requantized_merge_reports_an_error_within_half_a_code_gap():
+    model = Tiny()
+    apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj",)), double_quant=False)
+    nn.init.normal_(model.q_proj.lora_B.weight, std=0.1)
+    merged, report = merge_and_unload(model, requantize=True)
+    assert isinstance(merged.q_proj, NF4Linear)
+    absmax = merged.q_proj.quant_state.absmax.max().item()
+    widest_gap = nf4.nf4_codebook().diff().max().item()
+    assert 0 < report.mean_abs_error["q_proj"] <= report.max_abs_error["q_proj"] <= absmax * widest_gap / 2 + 1e-6
+
+
+def test_state_dict_round_trips_through_safetensors(tmp_path):
+    model = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    nn.init.normal_(model.q_proj.lora_B.weight)
+    save_quantized(model, tmp_path / "m.safetensors")
+    fresh = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    load_quantized(fresh, tmp_path / "m.safetensors")
+    ids = torch.randint(0, 50, (2, 5))
+    assert torch.equal(fresh(ids), model(ids))
+    other = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")), blocksize=32)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_quantized(other, tmp_path / "m.safetensors")
+
+
+def test_memory_report_counts_packed_bytes():
+    model = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj",)), double_quant=False)
+    report = quantized_memory_report(model)
+    # up_proj: 128*64 weights at 4 bits + one fp32 absmax per 64 + 16 fp32 code values + 128 fp32 biases.
+    assert report["up_proj"] == 128 * 64 // 2 + 128 * 64 // 64 * 4 + 16 * 4 + 128 * 4
+    assert report["total"] == sum(v for k, v in report.items() if k != "total")
