@@ -99,3 +99,18 @@ def test_tiny_measure_counts_a_real_step():
     assert lora8["trainable_weights"] == 2 * lora4["trainable_weights"] > 0
     assert measure("full", r=4, batch_size=2, seq_len=8).as_dict()["frozen_weights"] == 0
     assert all(p.requires_grad for p in base.parameters())  # the base model itself is left untouched
+
+
+def test_dashboard_callback_shows_each_new_measurement_once():
+    from types import SimpleNamespace
+
+    dash = MemoryDashboard(("lora",), CATS, min_interval=0.0)
+    cb = dash.callback("lora")
+    history = SimpleNamespace(memory=[fake_measure("lora", r=1, batch_size=1, seq_len=1)], memory_steps=[1])
+    cb(history)
+    cb(history)  # no new measurement: nothing added
+    history.memory.append(fake_measure("lora", r=1, batch_size=3, seq_len=1))
+    history.memory_steps.append(10)
+    cb(history)
+    np.testing.assert_allclose(dash.lines["lora"].get_xdata(), [1, 10])
+    assert dash.bars["activations"][0].get_height() == 3

@@ -117,6 +117,15 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
     return box
 
 
+def cuda_stats() -> dict[str, int] | None:
+    """{"allocated", "peak"} bytes from `torch.cuda` on a CUDA machine, else None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}
+
+
 class MemoryDashboard:
     """A live memory dashboard: stacked bars (one per method) and a timeline of total memory against step.
 
@@ -157,6 +166,18 @@ class MemoryDashboard:
             self.cuda[method] = dict(cuda)
         if time.perf_counter() - self._last_draw >= self.min_interval:
             self.redraw()
+
+    def callback(self, method: str):
+        """A `finetune(callback=...)` hook: shows each new measured breakdown in `history.memory` (and, on CUDA,
+        `torch.cuda.memory_allocated` / `max_memory_allocated`)."""
+        seen = [0]
+
+        def on_step(history) -> None:
+            if len(history.memory) > seen[0]:
+                seen[0] = len(history.memory)
+                self.update(method, history.memory_steps[-1], history.memory[-1], cuda=cuda_stats())
+
+        return on_step
 
     def redraw(self) -> None:
         data = self.data()
