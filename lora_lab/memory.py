@@ -365,7 +365,8 @@ def estimate(model, method: str, *, r: int = 8, target_modules=("q_proj", "v_pro
         net = LlamaForCausalLM(config).to(dtype)
     lora = None if method == "full" else _lora_config(r, target_modules)
     options = {"compute_dtype": dtype, **(qlora_options or {})} if method == "qlora" else None
-    prepare_model(net, method, lora, options)
+    with _nf4_on_meta() if method == "qlora" else contextlib.nullcontext():
+        prepare_model(net, method, lora, options)
     opt = make_optimizer(net, optimizer)
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     ckpt = checkpoint_layers(net) if gradient_checkpointing else contextlib.nullcontext()
@@ -384,6 +385,25 @@ def _lora_config(r, target_modules):
     from .lora import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules)
+
+
+@contextlib.contextmanager
+def _nf4_on_meta():
+    """Let `lora_lab.nf4` quantize meta tensors with its readable (shape-only) path.
+
+    Two of its steps need values: the finite-weight check, and the compiled fast kernels (used from
+    ``FAST_MIN_NUMEL`` values on). On meta there are no values to check, and the readable path produces
+    the same packed codes, absmax and nested scales, shape for shape, so the stored bytes are the real ones.
+    """
+    from . import nf4
+
+    check, fast_min = nf4._check_weight, nf4.FAST_MIN_NUMEL
+    nf4._check_weight = lambda w: None if isinstance(w, torch.Tensor) and w.is_meta else check(w)
+    nf4.FAST_MIN_NUMEL = sys.maxsize
+    try:
+        yield
+    finally:
+        nf4._check_weight, nf4.FAST_MIN_NUMEL = check, fast_min
 
 
 @contextlib.contextmanager

@@ -159,11 +159,9 @@ def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
 
 def _one_step(model, batch, optimizer, history: History, step: int, track: bool) -> bool:
     """Run one step and record it; False when the loss is not finite (then nothing was updated)."""
-    sync = torch.cuda.synchronize if batch[0].is_cuda else (lambda: None)
     start = time.perf_counter()
     loss, breakdown = training_step(model, batch, optimizer, track=track)
-    value = loss.item()
-    sync()
+    value = loss.item()  # waits for the GPU, so the step's time is complete
     if not math.isfinite(value):
         history.stopped_reason = (f"the loss became {value} at step {step} with lr={history.lr:g}; training "
                                   "stopped before that update. Lower the learning rate.")

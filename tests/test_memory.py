@@ -84,7 +84,7 @@ def _measured_and_estimated(method, checkpointing, batch=4, seq_len=26):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_estimate_matches_measurement_on_the_base_model(method, checkpointing):
     measured, estimated = _measured_and_estimated(method, checkpointing)
     for name in CATEGORIES:
