@@ -13,6 +13,8 @@ from lora_lab.adapter import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft", reason="the adapter interop tests compare with PEFT (pip install peft)")
 transformers = pytest.importorskip("transformers", reason="the interop tests build a tiny transformers Llama")
+# PEFT calls a transformers method that transformers 5 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,14 @@ def test_round_trip_onto_plain_and_onto_wrapped_model(base, ids, saved):
     assert count_parameters(fresh) == count_parameters(ours)  # same parameters trainable
     wrapped = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True))
     assert torch.equal(logits(load_adapter(wrapped, path), ids), logits(ours, ids))
+
+
+def test_load_casts_weights_to_the_model_dtype(base, saved):
+    path, ours = saved
+    model = load_adapter(copy.deepcopy(base).to(torch.bfloat16), path)  # fp32 file, bf16 model
+    for name, layer in lora_layers(model).items():
+        assert layer.lora_A.weight.dtype == torch.bfloat16
+        assert torch.equal(layer.lora_B.weight, ours.get_submodule(name).lora_B.weight.to(torch.bfloat16))
 
 
 def test_save_refuses_a_model_without_lora(base, tmp_path):
