@@ -27,6 +27,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.func
 NESTED_BLOCKSIZE = 256  # blocksize of the second (8-bit) quantization, as in the paper and bitsandbytes
 QUANT_TYPES = ("nf4", "fp4", "int4")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FAST_MIN_NUMEL = 2**20  # from this size on, `fast=None` uses the compiled kernels (compiling costs seconds once)
 
 
 # ------------------------------------------------------------------------------------------- codebooks
@@ -191,7 +192,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
         quant_type: "nf4" (the paper's type), "fp4" (bitsandbytes' other type) or "int4" (symmetric, absmax/7).
         blocksize: one of `BLOCKSIZES`; 64 in the paper.
         double_quant: also quantize the absmax values (bitsandbytes' ``compress_statistics``).
-        fast: use the compiled kernel (`_fast_codes`) for the full blocks; ``None`` means "for >= 2**22 values".
+        fast: use the compiled kernel (`_fast_codes`) for the full blocks; ``None``: for >= `FAST_MIN_NUMEL` values.
 
     Returns:
         A `QuantizedWeight`.
@@ -200,7 +201,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     _check_choice("quant_type", quant_type, QUANT_TYPES)
     _check_choice("blocksize", blocksize, BLOCKSIZES)
     code = _cached_code(quant_type).to(w.device, copy=True)  # each weight owns its codebook tensor
-    use_fast = w.numel() >= 2**22 if fast is None else fast
+    use_fast = w.numel() >= FAST_MIN_NUMEL if fast is None else fast
     packed, absmax = (_fast_codes if use_fast else quantize_blocks)(w.reshape(-1), code, blocksize)
     fields = dict(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
     if not double_quant:
@@ -236,9 +237,9 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool 
         raise TypeError(f"dequantize expects a QuantizedWeight (from quantize_nf4), got {type(q).__name__}.")
     dtype = q.dtype if dtype is None else dtype
     _check_choice("dtype", dtype, FLOAT_DTYPES)
-    use_fast = q.numel >= 2**22 if fast is None else fast
-    flat = (_fast_dequantize if use_fast else dequantize_blocks)(q.packed, q.block_absmax(), q.code, q.blocksize,
-                                                                 q.numel)
+    if q.numel >= FAST_MIN_NUMEL if fast is None else fast:
+        return _fast_dequantize(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel, dtype).reshape(q.shape)
+    flat = dequantize_blocks(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel)
     return flat.to(dtype).reshape(q.shape)
 
 
@@ -350,17 +351,18 @@ def _fused_codes(blocks: torch.Tensor, bin_base: torch.Tensor, bin_threshold: to
     return (pairs[:, 0] << 4) | pairs[:, 1], absmax
 
 
-def _fused_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """(m*blocksize/2,) packed bytes of full blocks, (m,) absmax -> (m, blocksize) float32."""
-    values = torch.stack([code[(packed >> 4).long()], code[(packed & 0x0F).long()]], dim=1)
-    return values.reshape(absmax.numel(), -1) * absmax[:, None]
+def _fused_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """(m, blocksize/2) packed bytes of full blocks, (m,) absmax -> (m, blocksize) in ``dtype`` (fp32 products)."""
+    values = torch.stack([code[(packed >> 4).long()], code[(packed & 0x0F).long()]], dim=2)  # (m, blocksize/2, 2)
+    return (values.reshape(packed.shape[0], -1) * absmax[:, None]).to(dtype)
 
 
 @lru_cache(maxsize=None)
 def _compiled(name: str):
     function = {"codes": _fused_codes, "dequantize": _fused_dequantize}[name]
     try:
-        return torch.compile(function, dynamic=True)
+        return torch.compile(function)  # the block count becomes dynamic after a second shape; blocksize stays fixed
     except Exception:  # no compiler available: the same function, eagerly
         return function
 
@@ -394,15 +396,16 @@ def _fast_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple
     return torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
 
 
-def _fast_dequantize(packed, absmax, code, blocksize, n):
+def _fast_dequantize(packed, absmax, code, blocksize, n, dtype):
     full = n - n % blocksize
     if full == 0:
-        return dequantize_blocks(packed, absmax, code, blocksize, n)
-    head = _compiled("dequantize")(packed[: full // 2], absmax[: full // blocksize], code).reshape(-1)
+        return dequantize_blocks(packed, absmax, code, blocksize, n).to(dtype)
+    blocks = packed[: full // 2].reshape(-1, blocksize // 2)
+    head = _compiled("dequantize")(blocks, absmax[: full // blocksize], code, dtype).reshape(-1)
     if full == n:
         return head
     tail = dequantize_blocks(packed[full // 2:], absmax[full // blocksize:], code, blocksize, n - full)
-    return torch.cat([head, tail])
+    return torch.cat([head, tail.to(dtype)])
 
 
 # --------------------------------------------------------------------------------------------- checks

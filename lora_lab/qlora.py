@@ -64,6 +64,11 @@ class NF4Linear(nn.Module):
             raise ValueError(f"quant_state must be a QuantizedWeight of shape ({out_features}, {in_features}).")
         if backend not in BACKENDS or (backend == "bitsandbytes" and quant_state.quant_type == "int4"):
             raise ValueError(f"backend must be one of {BACKENDS} (bitsandbytes has no int4 kernel), got {backend!r}.")
+        if backend == "bitsandbytes" and in_features % 2 == 0 and in_features % quant_state.blocksize:
+            # bitsandbytes' CPU dequantize kernel reads the scale of element (row, col) at
+            # row * (cols // blocksize) + col // blocksize, which is only right when rows are whole blocks.
+            raise ValueError(f"backend='bitsandbytes' needs in_features ({in_features}) to be a multiple of "
+                             f"blocksize ({quant_state.blocksize}); use backend='torch' or another blocksize.")
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         device = quant_state.packed.device
         self.compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -205,7 +205,8 @@ def test_fused_binned_search_equals_the_readable_path():
                                                      nf4._fused_codes(w[:-5].reshape(-1, 64), *nf4._bin_tables(code))))
     q = nf4.quantize_nf4(w)
     full = w.numel() - 5
-    fused = nf4._fused_dequantize(q.packed[: full // 2], q.block_absmax()[:-1], q.code).reshape(-1)
+    fused = nf4._fused_dequantize(q.packed[: full // 2].reshape(-1, 32), q.block_absmax()[:-1], q.code, torch.float32)
+    fused = fused.reshape(-1)
     assert torch.equal(fused, nf4.dequantize_blocks(q.packed, q.block_absmax(), q.code, 64, w.numel())[:full])
 
 
