@@ -75,7 +75,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config = read_adapter_config(path)
     tensors = _read_tensors(Path(path) / WEIGHTS_NAME)
     wrapped = lora_layers(model)
-    names = _check_wrapped(wrapped, config) if wrapped else lora_targets(model, config)
+    names = _check_wrapped(model, wrapped, config) if wrapped else lora_targets(model, config)
     shapes = _expected_shapes(model, names, config, wrapped=bool(wrapped))
     missing = sorted(set(shapes) - set(tensors))
     unknown = sorted(set(tensors) - set(shapes))
@@ -90,6 +90,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              "the adapter was trained on a model with other layer sizes.")
         if not tensor.is_floating_point():
             raise ValueError(f"Tensor {key!r} has dtype {tensor.dtype}; LoRA weights must be floating point.")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"Tensor {key!r} holds NaN or inf; the adapter is damaged (or training diverged).")
     if not wrapped:
         apply_lora(model, config)
     with torch.no_grad():
@@ -162,8 +164,12 @@ def _bias_names(model: nn.Module, bias: str) -> list[str]:
     return []
 
 
-def _check_wrapped(wrapped: dict[str, LoRALinear], config: LoraConfig) -> list[str]:
-    """For a model that already has LoRA: same layers and hyperparameters as the file, and not merged."""
+def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: LoraConfig) -> list[str]:
+    """For a model that already has LoRA: same hyperparameters as the file, and not merged."""
+    bias = getattr(getattr(model, "lora_config", None), "bias", "none")
+    if bias != config.bias:
+        raise ValueError(f"The model was set up with bias={bias!r}, the adapter with bias={config.bias!r}; "
+                         "load it onto the plain model instead.")
     for name, layer in wrapped.items():
         if layer.merged:
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before loading weights.")

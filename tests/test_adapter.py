@@ -187,6 +187,8 @@ def corrupt(path, tmp_path, how):
         tensors[key] = torch.zeros(4, 7)
     elif how == "int_dtype":
         tensors[key] = tensors[key].to(torch.int32)
+    elif how == "nan":
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
     elif how == "unknown_module":
         tensors[key.replace("layers.0", "layers.9")] = tensors[key].clone()
     elif how == "missing_tensor":
@@ -213,7 +215,7 @@ def corrupt(path, tmp_path, how):
 
 
 @pytest.mark.parametrize("how, match", [
-    ("bad_shape", "shape"), ("int_dtype", "floating point"), ("unknown_module", "layers.9"),
+    ("bad_shape", "shape"), ("int_dtype", "floating point"), ("nan", "NaN"), ("unknown_module", "layers.9"),
     ("missing_tensor", "missing"), ("dora", "use_dora"), ("other_peft_type", "LORA"), ("wrong_r", "shape"),
     ("truncated", "damaged or truncated"), ("garbage", "damaged or truncated"), ("bad_json", "JSON"),
     ("no_config", "adapter_config.json"), ("pickle_only", "pickle"),
@@ -233,6 +235,14 @@ def test_load_onto_a_model_with_other_lora_settings_is_refused(base, saved):
     model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=16))
     before = snapshot(model)
     with pytest.raises(ValueError, match="lora_alpha=16"):
+        load_adapter(model, saved[0])
+    assert_unchanged(model, before)
+
+
+def test_load_onto_a_model_with_another_bias_mode_is_refused(base, saved):
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True, bias="all"))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="bias='all'"):
         load_adapter(model, saved[0])
     assert_unchanged(model, before)
 
