@@ -148,6 +148,18 @@ def test_on_disk_format_is_peft_format(base, saved):
         4, 8, True, {"q_proj", "v_proj"})
 
 
+def test_config_json_matches_what_peft_writes(base, saved, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                             task_type="CAUSAL_LM")
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path)
+    theirs = json.loads((tmp_path / "adapter_config.json").read_text())
+    ours = json.loads((saved[0] / "adapter_config.json").read_text())
+    assert set(ours) <= set(theirs)  # no invented keys
+    assert {k: v for k, v in ours.items() if k != "target_modules"} == {
+        k: theirs[k] for k in ours if k != "target_modules"}
+    assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])  # PEFT writes a set
+
+
 def test_round_trip_onto_plain_and_onto_wrapped_model(base, ids, saved):
     path, ours = saved
     fresh = load_adapter(copy.deepcopy(base), path)
