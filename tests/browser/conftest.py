@@ -192,6 +192,10 @@ def lab_server(chromium_path, tmp_path_factory):
         _wait_until_up(server, proc)
         yield server
     finally:
+        try:
+            server.shutdown_sessions()  # kernels run in their own sessions; end them through the server
+        except OSError:
+            pass
         _stop(proc)
 
 
@@ -238,7 +242,10 @@ def _save_artifacts(test_name: str, tab, server: LabServer) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
-        tab.page.screenshot(path=str(out / "page.png"), full_page=True)
+        errors = tab.page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+        if errors.count():
+            errors.first.scroll_into_view_if_needed(timeout=5_000)  # show the first error, not the end
+        tab.page.screenshot(path=str(out / "page.png"))
     except Exception as exc:  # noqa: BLE001 - keep whatever else can be saved
         (out / "page-screenshot-failed.txt").write_text(repr(exc))
     for i, move in enumerate(tab.slider_moves):

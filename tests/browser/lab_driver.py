@@ -89,11 +89,14 @@ class NotebookTab:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._accept_kernel_dialog()
-            if self.kernel_status().endswith("| Idle"):
+            if self.is_idle():
                 return
             time.sleep(0.25)
         raise TimeoutError(f"kernel for {rel_path} not idle after {timeout_s:.0f} s: "
                            f"{self.kernel_status()!r}")
+
+    def is_idle(self) -> bool:
+        return self.kernel_status().endswith("| Idle")
 
     def kernel_status(self) -> str:
         status = self.page.locator(_KERNEL_STATUS)
@@ -130,7 +133,10 @@ class NotebookTab:
         texts = self.page.eval_on_selector_all(
             '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]',
             "els => els.map(e => e.textContent)")
-        return [t.strip()[-2000:] for t in texts if re.search(r"Traceback|Error", t)]
+        # Error outputs and stream stderr render alike; an error names its exception at a line start
+        # (IPython's short form for SyntaxError has no "Traceback"), a warning names its file first.
+        return [t.strip()[-2000:] for t in texts
+                if re.search(r"Traceback|^\s*\w*(?:Error|Exception)\b", t, flags=re.M)]
 
     def unexecuted_cells(self) -> list[tuple[int, str]]:
         prompts = self.page.eval_on_selector_all(
@@ -202,16 +208,19 @@ class NotebookTab:
             self.page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
         changed, shots_after = False, shots_before
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not changed:
+        while time.monotonic() < deadline:
             time.sleep(0.5)
-            if not self.kernel_status().endswith("| Idle") or self.error_outputs():
-                if self.error_outputs():
-                    break
+            if self.error_outputs() or self.log_console_count():
+                break  # a raising callback: stop waiting, problems() reports it
+            if not self.is_idle():
                 continue
-            if self.log_console_count():
-                break
             shots_after = _screenshots(figures)
             changed = bool(shots_before) and shots_after != shots_before
+            if changed:
+                time.sleep(1.0)  # the later key presses may still be on their way to the kernel
+                if self.is_idle():
+                    shots_after = _screenshots(figures)
+                    break
         return SliderMove(label, before, readout.text_content().strip(),
                           handle.get_attribute("aria-valuetext") or "", changed,
                           shots_before, shots_after)
