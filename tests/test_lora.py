@@ -119,9 +119,10 @@ def test_merge_then_unmerge_restores_base_weight(case):
     delta = layer.delta_weight()
     layer.merge()
     layer.unmerge()
-    # (W0 + d) - d is rounded twice in W0's dtype, each time by at most eps/2 of a value <= |W0| + |d|.
-    eps = torch.finfo(w0.dtype).eps
-    bound = eps * (w0.abs().double() + delta.abs().double())
+    # (W0 + d) - d is rounded twice in W0's dtype, each time by at most eps/2 of a value <= |W0| + |d|
+    # (the (1 + eps) covers the second-order term); subnormals round by up to half the smallest step.
+    info = torch.finfo(w0.dtype)
+    bound = info.eps * (w0.abs().double() + delta.abs().double()) * (1 + info.eps) + info.smallest_normal * info.eps
     assert ((layer.base_layer.weight.double() - w0.double()).abs() <= bound).all()
 
 
