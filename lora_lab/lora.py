@@ -54,7 +54,10 @@ class LoraConfig:
         if isinstance(targets, str):
             if not targets:
                 raise ValueError("target_modules is an empty string; pass names like ('q_proj', 'v_proj').")
-            re.compile(targets)  # a bad regex fails here, not in apply_lora
+            try:
+                re.compile(targets)  # a bad regex fails here, not in apply_lora
+            except re.error as err:
+                raise ValueError(f"target_modules {targets!r} is not a valid regex ({err}).") from None
         elif isinstance(targets, (list, tuple, set, frozenset)) and targets and all(
             isinstance(t, str) and t for t in targets
         ):

@@ -369,9 +369,8 @@ def test_apply_twice_is_refused():
 @pytest.mark.parametrize("kwargs", [{"r": 0}, {"lora_alpha": 0}, {"bias": "some"}, {"target_modules": []},
                                     {"target_modules": ""}, {"target_modules": "("}, {"lora_dropout": 1}])
 def test_config_validates_on_construction(kwargs):
-    with pytest.raises(Exception) as info:
+    with pytest.raises(ValueError):
         LoraConfig(**kwargs)
-    assert isinstance(info.value, (ValueError, __import__("re").error))
 
 
 # ----------------------------------------------------------------------------------- merge and unload
