@@ -171,6 +171,10 @@ def lab_server(chromium_path, tmp_path_factory):
     # No announcements or update checks: nothing but localhost is contacted.
     (dirs["config"] / "jupyter_server_config.json").write_text(json.dumps(
         {"LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"}}))
+    # No "is a rebuild needed?" check on every page load (it hashes all extensions, seconds on 2 cores).
+    (dirs["config"] / "labconfig").mkdir()
+    (dirs["config"] / "labconfig" / "page_config.json").write_text(
+        json.dumps({"buildCheck": False, "buildAvailable": False}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "IPYTHON", "MPLBACKEND"))}
     env.update(
         JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
@@ -201,7 +205,7 @@ def lab_server(chromium_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def browser_context(lab_server, chromium_path, tmp_path_factory):
-    """One headless Chromium with a fresh profile, logged in to the server once (token cookie)."""
+    """One headless Chromium with a fresh profile."""
     from playwright.sync_api import sync_playwright
 
     profile = tmp_path_factory.mktemp("chromium-profile")
@@ -210,9 +214,6 @@ def browser_context(lab_server, chromium_path, tmp_path_factory):
             str(profile), executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1400, "height": 1000}, device_scale_factor=1)
         try:
-            page = context.new_page()
-            page.goto(f"{lab_server.url}/lab?token={lab_server.token}", wait_until="domcontentloaded")
-            page.close()
             yield context
         finally:
             context.close()
@@ -225,7 +226,7 @@ def notebook_tab(request, browser_context, lab_server):
 
     page = browser_context.new_page()
     page.set_default_timeout(60_000)
-    tab = NotebookTab(page, lab_server.url)
+    tab = NotebookTab(page, lab_server.url, lab_server.token)
     tab.slider_moves = []
     try:
         yield tab

@@ -73,18 +73,21 @@ class NotebookTab:
     Args:
         page: a Playwright `Page` (sync API).
         base_url: the server's URL, e.g. ``http://127.0.0.1:8888``.
+        token: the server's token (sent in the first URL; the server answers with a login cookie).
     """
 
-    def __init__(self, page, base_url: str):
+    def __init__(self, page, base_url: str, token: str = ""):
         self.page = page
         self.base_url = base_url.rstrip("/")
+        self.token = token
         self.slider_moves: list[SliderMove] = []  # kept for the failure artifacts
 
     # -- opening and running ------------------------------------------------------------------
 
     def open(self, rel_path: str, timeout_s: float = 120) -> None:
         """Open ``rel_path`` (relative to the server root) with a fresh workspace; wait for the kernel."""
-        self.page.goto(f"{self.base_url}/lab/tree/{rel_path}?reset", wait_until="domcontentloaded")
+        query = f"reset&token={self.token}" if self.token else "reset"
+        self.page.goto(f"{self.base_url}/lab/tree/{rel_path}?{query}", wait_until="domcontentloaded")
         self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout_s * 1000)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
