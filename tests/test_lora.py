@@ -302,8 +302,8 @@ def test_blog_post_formula_with_trained_factors():
     (("q_proj", "v_proj"), {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}),
     (["self_attn.o_proj"], {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"}),
     (r"model\.layers\.0\.self_attn\.[qk]_proj", {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"}),
-    ("all-linear", {f"model.layers.{i}.{p}" for i in (0, 1) for p in
-                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.0", "mlp.2")}),
+    ("all-linear", {f"model.layers.{i}.{p}" for i in (0, 1) for p in ("mlp.0", "mlp.2")}
+     | {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"}),
 ])
 def test_target_modules_select_the_right_layers(targets, expected):
     model = apply_lora(TinyLM(), LoraConfig(r=2, target_modules=targets))
