@@ -61,14 +61,14 @@ def read(est, field):
 
 def main():
     print("Estimates (batch 1, seq 512, gradient checkpointing, r=8 on q,v, 16-bit weights, fp32 AdamW moments)")
-    print(f"{'preset':<13}{'method':<7}{'params':>10}{'trainable':>13}{'weights':>10}{'adapters':>10}"
+    print(f"{'preset':<13}{'method':<7}{'params':>10}{'trainable':>16}{'weights':>10}{'adapters':>10}"
           f"{'grads':>9}{'optim':>9}{'activ':>9}{'total GB':>10}{'secs':>6}")
     for preset in PRESETS:
         for method in ("full", "lora", "qlora"):
             start = time.perf_counter()
             e = cached(preset, method)
             b = e.breakdown
-            print(f"{preset:<13}{method:<7}{e.total_params / 1e9:>9.2f}B{e.trainable_params:>13,}"
+            print(f"{preset:<13}{method:<7}{e.total_params / 1e9:>9.2f}B{e.trainable_params:>16,}"
                   f"{b.frozen_weights / GB:>10.2f}{b.trainable_weights / GB:>10.2f}{b.gradients / GB:>9.2f}"
                   f"{b.optimizer_state / GB:>9.2f}{b.activations / GB:>9.2f}{e.total_bytes / GB:>10.2f}"
                   f"{time.perf_counter() - start:>6.1f}")
