@@ -52,6 +52,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
     "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
+    "--no-proxy-server",  # the server is on 127.0.0.1; ignore any http_proxy in the environment
 ]
 # JupyterLab settings for a quiet, deterministic tab: no autosave (the copy is thrown away
 # anyway), every cell rendered (no virtual scrolling, so every widget is in the DOM), no news.
@@ -75,6 +76,9 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"report_{report.when}", report)  # lets fixtures see whether the test failed
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost: never via a proxy
+
+
 @dataclass
 class LabServer:
     url: str
@@ -85,7 +89,7 @@ class LabServer:
     def api(self, method: str, path: str):
         req = urllib.request.Request(f"{self.url}{path}", method=method,
                                      headers={"Authorization": f"token {self.token}"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with _DIRECT.open(req, timeout=10) as resp:
             body = resp.read()
         return json.loads(body) if body else None
 
