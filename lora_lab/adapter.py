@@ -128,7 +128,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     return LoraConfig(**{k: raw[k] for k in fields if k in raw})
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------- internals
 
 
 def _peft_config_dict(config: LoraConfig, targets, task_type: str | None) -> dict:

@@ -305,7 +305,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(trainable, total)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------- internals
 
 
 def _scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
