@@ -73,10 +73,10 @@ def main():
                   f"{b.optimizer_state / GB:>9.2f}{b.activations / GB:>9.2f}{e.total_bytes / GB:>10.2f}"
                   f"{time.perf_counter() - start:>6.1f}")
     print("\nPublished figures beside the estimate (units: params, MB = 1e6 B, GB = 1e9 B)")
-    print(f"{'claim':<34}{'source':<16}{'paper':>12}{'estimate':>12}{'ratio':>8}")
+    print(f"{'claim':<34}{'source':<16}{'paper':>15}{'estimate':>15}{'ratio':>8}")
     for claim, source, value, unit, preset, method, kwargs, field in PAPER:
         got = read(cached(preset, method, **kwargs), field) / unit
-        print(f"{claim:<34}{source:<16}{value:>12,.1f}{got:>12,.1f}{got / value:>8.2f}")
+        print(f"{claim:<34}{source:<16}{value:>15,.1f}{got:>15,.1f}{got / value:>8.2f}")
 
 
 if __name__ == "__main__":
