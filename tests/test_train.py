@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_lab.data import load_task
-from lora_lab.lora import LoraConfig, lora_layers
+from lora_lab.lora import lora_layers
 from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
 from lora_lab.train import StopTraining, finetune
 
