@@ -107,6 +107,40 @@ def _requant_explorer():  # 06: ΔW of growing size on a real-sized weight, real
                                           nf4_codebook()))
 
 
+def _quant_offset_explorer():
+    from lora_lab import nf4
+    from lora_lab.widgets.quant import offset_explorer
+
+    return offset_explorer(nf4.nf4_codebook, nf4.codebook("nf4"))
+
+
+def _quant_error_explorer():
+    import torch
+
+    from lora_lab import nf4
+    from lora_lab.plots.quant import error_grid
+    from lora_lab.widgets.quant import error_explorer
+
+    w = _tiny_weight().reshape(-1)[:16384]
+    gen = torch.Generator().manual_seed(0)
+    samples = {"base model": w, "normal": torch.randn(16384, generator=gen) * w.std()}
+    quantizers = {q: (lambda x, bs, q=q: nf4.quantize(x, q, bs, double_quant=False).dequantize())
+                  for q in ("nf4", "fp4", "int4")}
+    return error_explorer(error_grid(samples, quantizers, [32, 64, 256, 1024, 4096]))
+
+
+def _rank_curve_explorer():
+    import math
+
+    from lora_lab.widgets.rank import curve_explorer
+
+    steps = [0, 10, 20, 30]
+    curves = {r: (steps, [3.0 * math.exp(-s * (0.01 + 0.002 * math.log2(r))) for s in steps])
+              for r in (1, 2, 4, 8, 16, 32, 64)}
+    curves["full"] = (steps, [3.0, 2.0, 1.5, 1.2])
+    return curve_explorer(curves)
+
+
 WIDGETS: list[WidgetCase] = [
     WidgetCase("04 memory_explorer (r, batch_size, seq_len)", _memory_explorer,
                lambda box: [(box.sliders["r"], 16), (box.sliders["batch_size"], 16), (box.sliders["seq_len"], 64),
@@ -123,6 +157,14 @@ WIDGETS: list[WidgetCase] = [
     WidgetCase("01 scaling_explorer (alpha, rank)", _lora_scaling_explorer,
                lambda box: [(box.alpha, v) for v in (1, 4, 16, 64, 8, 2)]
                + [(box.rank, v) for v in (1, 4, 16, 64, 2, 32)]),
+    WidgetCase("02 curve_explorer (rank slider)", _rank_curve_explorer,
+               lambda box: [(box.slider, v) for v in (1, 2, 4, 8, 16, 32, 64, 4, 1, 32)]),
+    WidgetCase("03 offset_explorer (offset slider)", _quant_offset_explorer,
+               lambda box: [(box.slider, v) for v in (0.9, 0.92, 0.95, 0.97, 0.99, 0.999, 0.96, 0.93)]),
+    WidgetCase("03 error_explorer (blocksize, quantizer, weights)", _quant_error_explorer,
+               lambda box: [(box.blocksize, v) for v in (64, 256, 1024, 4096, 32)]
+               + [(box.quantizer, v) for v in ("fp4", "int4", "nf4")]
+               + [(box.sample, v) for v in ("normal", "base model")]),
 ]
 
 
@@ -178,15 +220,15 @@ def main(argv=None) -> int:
             seconds, status = time_notebook(path)
             print(f"{rel:<42} {seconds:8.1f} {seconds / NOTEBOOK_BUDGET_S:7.2f}  {status}")
     if not args.notebooks_only:
-        print(f"\n{'widget':<46} {'median ms':>9} {'/ 150 ms':>8} {'full ms':>8} {'speedup':>8} {'moves':>6}")
+        print(f"\n{"widget":<50} {'median ms':>9} {'/ 150 ms':>8} {'full ms':>8} {'speedup':>8} {'moves':>6}")
         for case in WIDGETS:
             try:
                 median, full, n = time_widget(case)
             except Exception as exc:  # report and go on: one broken case must not hide the others
-                print(f"{case.name:<46} failed: {type(exc).__name__}: {exc}"[:140])
+                print(f"{case.name:<50} failed: {type(exc).__name__}: {exc}"[:140])
                 continue
             full_txt = f"{full:8.1f} {full / median:7.1f}x" if full else f"{'-':>8} {'-':>8}"
-            print(f"{case.name:<46} {median:9.1f} {median / REDRAW_BUDGET_MS:8.2f} {full_txt} {n:6d}")
+            print(f"{case.name:<50} {median:9.1f} {median / REDRAW_BUDGET_MS:8.2f} {full_txt} {n:6d}")
     return 0
 
 
