@@ -220,7 +220,7 @@ def main(argv=None) -> int:
             seconds, status = time_notebook(path)
             print(f"{rel:<42} {seconds:8.1f} {seconds / NOTEBOOK_BUDGET_S:7.2f}  {status}")
     if not args.notebooks_only:
-        print(f"\n{"widget":<50} {'median ms':>9} {'/ 150 ms':>8} {'full ms':>8} {'speedup':>8} {'moves':>6}")
+        print(f"\n{'widget':<50} {'median ms':>9} {'/ 150 ms':>8} {'full ms':>8} {'speedup':>8} {'moves':>6}")
         for case in WIDGETS:
             try:
                 median, full, n = time_widget(case)
