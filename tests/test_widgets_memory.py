@@ -114,3 +114,16 @@ def test_dashboard_callback_shows_each_new_measurement_once():
     cb(history)
     np.testing.assert_allclose(dash.lines["lora"].get_xdata(), [1, 10])
     assert dash.bars["activations"][0].get_height() == 3
+
+
+def test_tiny_measure_reuses_a_prepared_model_without_carrying_state():
+    from lora_lab.model import LlamaConfig, LlamaForCausalLM
+    from lora_lab.widgets.memory import tiny_measure
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    measure = tiny_measure(base)
+    first = measure("lora", r=4, batch_size=2, seq_len=8).as_dict()
+    measure("lora", r=4, batch_size=4, seq_len=16)
+    assert measure("lora", r=4, batch_size=2, seq_len=8).as_dict() == first  # same setting, same bytes

@@ -61,14 +61,17 @@ def tiny_measure(base_model, target_modules=("q_proj", "v_proj"), device=None, s
     from ..train import prepare_model
 
     vocab = base_model.config.vocab_size
+    prepared: dict = {}  # (method, r) -> model: preparing (quantizing) once per rank; each step still starts
+    # from no gradients and a fresh optimizer (`measure` sets grads to None and uses a throwaway AdamW, lr=0)
 
     def run(method, *, r, batch_size, seq_len):
-        model = prepare_model(copy.deepcopy(base_model).to(device or "cpu"), method,
-                              None if method == "full" else LoraConfig(r=r, lora_alpha=2 * r,
-                                                                       target_modules=target_modules))
+        key = (method, None if method == "full" else r)
+        if key not in prepared:
+            config = None if method == "full" else LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules)
+            prepared[key] = prepare_model(copy.deepcopy(base_model).to(device or "cpu"), method, config)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device or "cpu")
-        return measure(model, (ids, ids))
+        return measure(prepared[key], (ids, ids))
 
     return run
 
