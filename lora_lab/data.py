@@ -139,6 +139,7 @@ def _sort(w: str) -> str:
 
 
 TASKS = {"reverse": _reverse, "shift": _shift, "sort": _sort}
+WORD_LENGTHS = (3, 6)  # task words have 3 to 6 letters
 
 
 @dataclass
@@ -209,7 +210,7 @@ class Task:
 def _pairs(name: str, rng: Rng, n: int, exclude: set) -> list[tuple[str, str]]:
     fn, pairs = TASKS[name], []
     while len(pairs) < n:
-        w = random_word(rng, 3, 6)
+        w = random_word(rng, *WORD_LENGTHS)
         if w in exclude or fn(w) == w:  # held-out words are new; skip words the base could copy
             continue
         exclude.add(w)
@@ -230,7 +231,8 @@ def load_task(name: str = "reverse", seed: int = 0, n_train: int = 2000, n_eval:
     rng, seen = Rng(seed * 7919 + sum(map(ord, name))), set()
     train = _pairs(name, rng, n_train, seen)
     eval_ = _pairs(name, rng, n_eval, seen)
-    seq_len = 1 + len(name) + len(": ") + 6 + len(" > ") + 6 + 1  # bos prompt answer eos, longest
+    longest = WORD_LENGTHS[1]
+    seq_len = 1 + len(name) + len(": ") + longest + len(" > ") + longest + 1  # bos prompt answer eos
     return Task(name, get_tokenizer(), train, eval_, seq_len)
 
 

@@ -33,7 +33,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 class LlamaConfig:
     """Hyperparameters, with transformers' `LlamaConfig` field names.
 
-    The defaults are the shipped base model's (about 0.8M parameters). Any other size can be built
+    The defaults are the shipped base model's (747,136 parameters). Any other size can be built
     untrained, e.g. on the meta device for a memory estimate.
     """
 
