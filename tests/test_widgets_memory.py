@@ -43,6 +43,8 @@ def test_grid_measures_full_once_per_shape(grid):
 def test_explorer_slider_looks_up_grid(grid):
     grid.pop("calls")
     box = memory_explorer(grid)
+    box.sliders["seq_len"].value = 2
+    box.sliders["batch_size"].value = 1
     before = box.current.totals.copy()
     png = box.image.value
     box.sliders["batch_size"].value = 4

@@ -98,7 +98,7 @@ def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None):
         bottom = bottom + data.values[i]
     ax.set_xticks(x, data.labels)
     ax.set_ylabel(f"memory ({data.unit})")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes, never over a bar
     if title:
         ax.set_title(title)
     return fig, bars

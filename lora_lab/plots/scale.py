@@ -34,7 +34,6 @@ def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None 
         ax.axhline(g, color="0.4", linestyle="--", linewidth=1)
         ax.annotate(f"{g} GB GPU", (1.0, g), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                     fontsize=8, color="0.3")
-    ax.legend(fontsize=8, loc="upper right")
     return fig, ax, bars
 
 

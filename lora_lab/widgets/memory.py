@@ -91,10 +91,12 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
     names = ("r", "batch_size", "seq_len")
     sliders = {n: widgets.SelectionSlider(options=_axis_values(grid, i), description=n,
                                           continuous_update=False) for i, n in enumerate(names)}
-    first = next(iter(grid))
+    first = tuple(s.options[len(s.options) // 2] for s in sliders.values())  # start in the middle of the grid
+    if first not in grid:
+        first = next(iter(grid))
     for n, v in zip(names, first):
         sliders[n].value = v
-    fig, ax = new_figure(5.0, 3.2)
+    fig, ax = new_figure(6.0, 3.2)
     data = stacked_bar_data(grid[first], unit)
     _, bars = plot_stacked_bars(data, ax=ax, title="measured memory")
     ymax = max(stacked_bar_data(row, unit).totals.max() for row in grid.values())
@@ -143,7 +145,7 @@ class MemoryDashboard:
         self.latest = {m: dict.fromkeys(self.categories, 0) for m in self.methods}
         self.timeline = {m: ([], []) for m in self.methods}
         self.cuda: dict[str, dict[str, int]] = {}
-        self.figure, (ax_bar, ax_line) = new_figure(8.0, 3.2, ncols=2)
+        self.figure, (ax_bar, ax_line) = new_figure(9.0, 3.2, ncols=2)
         self.ax_bar, self.ax_line = ax_bar, ax_line
         _, self.bars = plot_stacked_bars(self.data(), ax=ax_bar, title="memory by category")
         _, self.lines = plot_timeline({m: ([], []) for m in self.methods}, ax=ax_line, unit=unit)
@@ -189,6 +191,7 @@ class MemoryDashboard:
             self.lines[m].set_data(steps, [t / UNITS[self.unit] for t in totals])
         self.ax_line.relim()
         self.ax_line.autoscale_view()
+        self.ax_line.set_ylim(bottom=0)  # from zero, so the lines' heights compare like the bars
         self.image.value = to_png(self.figure)
         self.readout.value = self._readout_html(data)
         self._last_draw = time.perf_counter()
