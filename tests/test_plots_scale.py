@@ -33,7 +33,8 @@ def test_paper_comparison_converts_to_paper_units():
     def fake_estimate(preset, method, **kw):
         r = kw.get("r", 8)
         n = 2 * 96 * 12288 * r * 2
-        return SimpleNamespace(trainable_params=n, adapter_bytes=2 * n, total_bytes=45.0e9, breakdown={"w": 1})
+        return SimpleNamespace(trainable_params=n, adapter_bytes=2 * n, total_bytes=45.0e9,
+                               breakdown={"frozen_weights": 5048e6, "optimizer_state": 1})
 
     rows = paper_comparison(fake_estimate)
     assert len(rows) == len(PAPER_FIGURES)
@@ -42,5 +43,6 @@ def test_paper_comparison_converts_to_paper_units():
     assert by_claim["GPT-3 175B trainable params, r=4 on q,v"].ratio == pytest.approx(1, abs=0.005)
     assert by_claim["GPT-3 175B adapter checkpoint, r=4 on q,v"].estimated == pytest.approx(37.748736)
     assert by_claim["LLaMA 65B QLoRA, total"].ratio == pytest.approx(1.0)
+    assert by_claim["LLaMA 7B, 4-bit base model"].ratio == pytest.approx(1.0)  # read from the breakdown
     table = comparison_markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "| 18.9 M |" in table

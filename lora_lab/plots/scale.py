@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+import torch
+
 from .memory import UNITS, new_figure, plot_stacked_bars, stacked_bar_data
 
 GPU_SIZES_GB = (24, 48, 80)
@@ -66,6 +68,9 @@ PAPER_FIGURES = (
                 dict(r=4, target_modules=QV), "adapter_bytes", "paper: 'roughly 35MB' for 37.7 MB of fp16"),
     PaperFigure("GPT-3 175B VRAM, full fine-tuning with Adam", "LoRA §4.2", 1200, "GB", "gpt3-175b", "full",
                 dict(batch_size=1, seq_len=2048), "total_bytes", "paper gives no breakdown or batch size"),
+    PaperFigure("GPT-3 175B VRAM, full, Adam moments in 16 bit", "LoRA §4.2", 1200, "GB", "gpt3-175b", "full",
+                dict(batch_size=1, seq_len=2048, optimizer_state_dtype=torch.bfloat16), "total_bytes",
+                "8 bytes/param instead of 12: one guess at the paper's accounting"),
     PaperFigure("GPT-3 175B VRAM, LoRA r=4 on q,v", "LoRA §4.2", 350, "GB", "gpt3-175b", "lora",
                 dict(r=4, target_modules=QV, batch_size=1, seq_len=2048), "total_bytes",
                 "350 GB = 175e9 fp16 weights alone"),
@@ -79,6 +84,10 @@ PAPER_FIGURES = (
                 "total_bytes", ""),
     PaperFigure("LLaMA 7B QLoRA, total", "QLoRA Fig. 6", 6.9, "GB", "llama-7b", "qlora", _QLORA_G,
                 "total_bytes", ""),
+    PaperFigure("LLaMA 7B, 4-bit base model", "QLoRA §2", 5048, "MB", "llama-7b", "qlora", _QLORA_G,
+                "breakdown:frozen_weights", "measured on a GPU: includes CUDA context and buffers"),
+    PaperFigure("LLaMA 65B QLoRA, optimizer state", "QLoRA Fig. 6", 5760, "MB", "llama-65b", "qlora", _QLORA_G,
+                "breakdown:optimizer_state", "fp32 Adam moments: 4x the 16-bit adapters"),
 )
 
 _SCALE = {"params": 1, "MB": 10**6, "GB": 10**9}
