@@ -85,7 +85,7 @@ def stacked_bar_data(breakdowns: Mapping[str, object], unit: str = "MiB") -> Sta
     return StackedBars(tuple(dicts), tuple(categories), values.reshape(len(categories), len(dicts)) / UNITS[unit], unit)
 
 
-def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None):
+def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None, legend_x: float = 1.0):
     """Draw `data` as stacked bars; returns (figure, {category: BarContainer}) for `update_stacked_bars`."""
     fig = ax.figure if ax is not None else None
     if ax is None:
@@ -98,7 +98,7 @@ def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None):
         bottom = bottom + data.values[i]
     ax.set_xticks(x, data.labels)
     ax.set_ylabel(f"memory ({data.unit})")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes, never over a bar
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(legend_x, 1.0))  # beside the axes, never over a bar
     if title:
         ax.set_title(title)
     return fig, bars

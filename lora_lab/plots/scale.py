@@ -31,11 +31,11 @@ def fits_on(total_bytes: float, gpu_sizes: Sequence[float] = GPU_SIZES_GB) -> tu
 def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None = None):
     """Stacked bars with a dashed horizontal line at each GPU size. Returns (figure, axis, {category: bars})."""
     fig, ax = new_figure(7.0, 3.5)
-    _, bars = plot_stacked_bars(data, ax=ax, title=title)
+    _, bars = plot_stacked_bars(data, ax=ax, title=title, legend_x=1.17)  # right of the GPU-size ticks
     for g in gpu_sizes:
         ax.axhline(g, color="0.4", linestyle="--", linewidth=1)
-        ax.annotate(f"{g} GB GPU", (1.0, g), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                    fontsize=8, color="0.3")
+    right = ax.secondary_yaxis("right")  # GPU sizes as ticks on the right edge: never hidden behind a bar
+    right.set_yticks(list(gpu_sizes), [f"{g:g} GB GPU" for g in gpu_sizes], fontsize=8)
     return fig, ax, bars
 
 
