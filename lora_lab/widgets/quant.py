@@ -25,8 +25,10 @@ def offset_explorer(codebook_fn, reference: torch.Tensor, offset: float = BNB_OF
     levels = codebook_fn(offset)
     fig, artists = plots.plot_codebook(levels, reference)
     view = FigureView(fig, animated=[artists["dots"], artists["cuts"]])
-    slider = e2e_slider(widgets.FloatSlider(value=offset, min=0.9, max=0.999, step=0.0001, readout_format=".4f",
-                                            description="offset", continuous_update=True))
+    # A fixed list of offsets (with bitsandbytes' value on it exactly), so a frontend never snaps the
+    # starting value to a slider step and each step moves the levels visibly.
+    options = sorted({round(0.9 + 0.005 * i, 3) for i in range(20)} | {0.995, 0.999, offset})
+    slider = e2e_slider(widgets.SelectionSlider(options=options, value=offset, description="offset"))
     readout = widgets.HTML()
     box = widgets.VBox([slider, readout, view.image])
 
