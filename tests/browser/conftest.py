@@ -143,6 +143,17 @@ def _wait_until_up(server: LabServer, proc: subprocess.Popen, timeout_s: float =
     raise TimeoutError(f"JupyterLab did not answer in {timeout_s:.0f} s:\n{server.log.read_text()[-3000:]}")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if pytest itself is killed (Linux), so the server still
+    shuts its kernels down when no `finally` can run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -195,7 +206,8 @@ def lab_server(chromium_path, tmp_path_factory):
            "--ServerApp.terminals_enabled=False"]
     with open(server.log, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     try:
         _wait_until_up(server, proc)
         yield server

@@ -10,6 +10,7 @@ The DOM names used here are JupyterLab 4's and ipywidgets 8's (noUiSlider handle
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -250,8 +251,8 @@ def readout_matches(readout: str, value_text: str) -> bool:
 
     Only numeric readouts are compared (a SelectionSlider's readout is a label); for those the
     tolerance is half a unit in the readout's last printed digit, since the readout is rounded.
-    A FloatLogSlider's handle holds the exponent, so 10**value is accepted too, within 5 %
-    (its readout prints about 3 significant digits).
+    A FloatLogSlider's handle holds the exponent, so base**value is accepted too for the usual
+    bases 10, 2 and e, within 5 % (its readout prints about 3 significant digits).
     """
     try:
         shown, value = float(readout), float(value_text)
@@ -261,7 +262,8 @@ def readout_matches(readout: str, value_text: str) -> bool:
     decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
     if "e" not in readout.lower() and abs(shown - value) <= 0.5 * 10 ** -decimals + 1e-12:
         return True
-    return abs(value) < 300 and abs(shown - 10 ** value) <= 0.05 * abs(shown)
+    return abs(value) < 300 and any(abs(shown - base ** value) <= 0.05 * abs(shown)
+                                    for base in (10, 2, math.e))
 
 
 def exercise(tab: NotebookTab, rel_path: str, saved_file: Path) -> list[str]:
