@@ -36,11 +36,11 @@ def merge_targets(weight: torch.Tensor, delta: torch.Tensor, quantize: Callable,
     Returns:
         (w_ref, {target name: merged weight}).
     """
-    w = weight.detach().float()
+    w, d = weight.detach().float(), delta.detach().float()
     w_dq = quantize(w).dequantize().float()
-    w_ref = w_dq + delta.detach().float()
+    w_ref = w_dq + d
     merged = {
-        TARGETS[0]: (w + delta.float()).to(dtype).float(),
+        TARGETS[0]: (w + d).to(dtype).float(),
         TARGETS[1]: w_ref.to(dtype).float(),
         TARGETS[2]: quantize(w_ref).dequantize().float(),
     }
@@ -126,6 +126,7 @@ def plot_error_histograms(weight_err: Mapping[str, torch.Tensor], out_err: Mappi
     fig, axes = new_figure(7.0, 3.2, ncols=len(panels))
     axes = np.atleast_1d(axes)
     for ax, (title, errs) in zip(axes, panels):
+        errs = {k: e.detach().float().cpu() for k, e in errs.items()}
         lim = max(float(e.abs().max()) for e in errs.values()) or 1.0
         edges = np.linspace(-lim, lim, bins + 1)
         for i, (name, e) in enumerate(errs.items()):
