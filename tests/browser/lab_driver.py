@@ -53,6 +53,7 @@ class SliderMove:
     readout_before: str
     readout_after: str
     value_text_after: str
+    numeric_readout: bool  # Int/Float/FloatLog sliders (editable readout); a SelectionSlider shows a label
     figure_changed: bool
     figures_before: list[bytes] = field(repr=False, default_factory=list)
     figures_after: list[bytes] = field(repr=False, default_factory=list)
@@ -226,7 +227,8 @@ class NotebookTab:
                     shots_after = _screenshots(figures)
                     break
         return SliderMove(label, before, readout.text_content().strip(),
-                          handle.get_attribute("aria-valuetext") or "", changed,
+                          handle.get_attribute("aria-valuetext") or "",
+                          readout.get_attribute("contenteditable") == "true", changed,
                           shots_before, shots_after)
 
     def log_console_count(self) -> int:
@@ -249,7 +251,7 @@ def _screenshots(figures) -> list[bytes]:
 def readout_matches(readout: str, value_text: str) -> bool:
     """Does the slider's readout show the handle's value, to the readout's own precision?
 
-    Only numeric readouts are compared (a SelectionSlider's readout is a label); for those the
+    For numeric sliders only (a SelectionSlider's handle holds the option's index); the
     tolerance is half a unit in the readout's last printed digit, since the readout is rounded.
     A FloatLogSlider's handle holds the exponent, so base**value is accepted too for the usual
     bases 10, 2 and e, within 5 % (its readout prints about 3 significant digits).
@@ -295,7 +297,7 @@ def exercise(tab: NotebookTab, rel_path: str, saved_file: Path) -> list[str]:
             return problems
         if move.readout_after == move.readout_before:
             problems.append(f"{name}: readout stayed {move.readout_before!r} after the arrow keys")
-        elif not readout_matches(move.readout_after, move.value_text_after):
+        elif move.numeric_readout and not readout_matches(move.readout_after, move.value_text_after):
             problems.append(f"{name}: readout {move.readout_after!r} but the handle is at "
                             f"{move.value_text_after!r}")
         if not move.figures_before:
