@@ -48,7 +48,7 @@ def merge_targets(weight: torch.Tensor, delta: torch.Tensor, quantize: Callable,
 
 
 def merge_errors(weight, delta, quantize: Callable, x: torch.Tensor | None = None, dtype=torch.bfloat16):
-    """Weight errors (target − W_ref) and, if inputs `x` (..., in) are given, output errors x·(target − W_ref)ᵀ."""
+    """Weight errors (target − W_ref) and, given inputs `x` (..., in), output errors x·(target − W_ref)ᵀ."""
     w_ref, merged = merge_targets(weight, delta, quantize, dtype)
     weight_err = {k: (m - w_ref).flatten() for k, m in merged.items()}
     out_err = {} if x is None else {k: (x.float() @ (m - w_ref).T).flatten() for k, m in merged.items()}

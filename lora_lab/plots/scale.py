@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .memory import UNITS, new_figure, plot_stacked_bars, stacked_bar_data
+from .memory import UNITS, breakdown_dict, new_figure, plot_stacked_bars, stacked_bar_data
 
 GPU_SIZES_GB = (24, 48, 80)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -96,8 +96,6 @@ _SCALE = {"params": 1, "MB": 10**6, "GB": 10**9}
 def read_field(est, field: str) -> float:
     """Read `field` (see PaperFigure) from an Estimate."""
     if field.startswith("breakdown:"):
-        from .memory import breakdown_dict
-
         return float(breakdown_dict(est.breakdown)[field.split(":", 1)[1]])
     return float(getattr(est, field))
 

@@ -141,7 +141,8 @@ class MemoryDashboard:
 
     def __init__(self, methods: Sequence[str], categories: Sequence[str], unit: str = "MiB",
                  min_interval: float = 0.25):
-        self.methods, self.categories, self.unit, self.min_interval = tuple(methods), tuple(categories), unit, min_interval
+        self.methods, self.categories = tuple(methods), tuple(categories)
+        self.unit, self.min_interval = unit, min_interval
         self.latest = {m: dict.fromkeys(self.categories, 0) for m in self.methods}
         self.timeline = {m: ([], []) for m in self.methods}
         self.cuda: dict[str, dict[str, int]] = {}
