@@ -32,8 +32,8 @@ def test_seq_len_slider_moves_activation_bars():
     box = fit_explorer(fake_estimate, ["small", "big"])
     act = box.current.categories.index("activations")
     before, png = box.current.values[act].copy(), box.image.value
-    box.controls["seq_len"].value = 4096
-    np.testing.assert_allclose(box.current.values[act], before * 8)  # 512 -> 4096
+    box.controls["seq_len"].value = 2048
+    np.testing.assert_allclose(box.current.values[act], before * 4)  # 512 -> 2048
     assert box.bars["activations"][0].get_height() == box.current.values[act][0]
     assert box.image.value != png
 
@@ -69,3 +69,15 @@ def test_depth_extrapolation_equals_full_depth_estimate():
         want, got = estimate(cfg, method, **kw), fast("tiny", method, **kw)
         assert got.breakdown.as_dict() == want.breakdown.as_dict()  # exact: every category is linear in depth
         assert (got.trainable_params, got.total_params) == (want.trainable_params, want.total_params)
+
+
+def test_a_setting_the_estimator_rejects_shows_in_the_readout():
+    def picky(preset, method, **kw):
+        if kw["batch_size"] > 1:
+            raise ValueError("pick a smaller batch")
+        return fake_estimate(preset, method, **kw)
+
+    box = fit_explorer(picky, ["small"])
+    drawn = box.current
+    box.controls["batch_size"].value = 4  # must not raise inside the widget callback
+    assert "pick a smaller batch" in box.readout.value and box.current is drawn

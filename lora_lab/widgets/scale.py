@@ -18,7 +18,7 @@ from ._view import FigureView
 TARGETS = {"q_proj, v_proj": QV, "all linear": ALL_LINEAR}
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
+SEQ_LENS = (128, 256, 512, 1024, 2048)  # every preset has at least 2048 positions
 
 
 def cached(estimate: Callable[..., object]) -> Callable[..., object]:
@@ -86,7 +86,11 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
                         widgets.HBox([c["batch_size"], c["seq_len"]]), c["gradient_checkpointing"], image, readout])
 
     def redraw(_=None):
-        box.current = data()
+        try:
+            box.current = data()
+        except ValueError as err:  # a setting this model cannot run (e.g. seq_len above its positions): say so
+            readout.value = f"<b>{err}</b>"
+            return
         update_stacked_bars(bars, box.current)
         for label, total in zip(labels, box.current.totals):
             label.set_position((label.get_position()[0], min(total, 0.93 * top)))
