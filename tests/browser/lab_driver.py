@@ -10,7 +10,6 @@ The DOM names used here are JupyterLab 4's and ipywidgets 8's (noUiSlider handle
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ class SliderMove:
     readout_before: str
     readout_after: str
     value_text_after: str
-    numeric_readout: bool  # Int/Float/FloatLog sliders (editable readout); a SelectionSlider shows a label
+    linear_readout: bool  # the readout showed the handle's value before the move (Int/FloatSlider)
     figure_changed: bool
     figures_before: list[bytes] = field(repr=False, default_factory=list)
     figures_after: list[bytes] = field(repr=False, default_factory=list)
@@ -203,6 +202,7 @@ class NotebookTab:
         readout = slider.locator(".widget-readout").first
         label = (slider.locator(".widget-label").first.text_content() or "").strip()
         before = readout.text_content().strip()
+        linear = readout_matches(before, handle.get_attribute("aria-valuetext") or "")
         figures = slider.locator(
             "xpath=ancestor::div[contains(concat(' ', @class, ' '), ' jp-Cell-outputArea ')][1]"
         ).locator(_FIGURES)
@@ -227,8 +227,7 @@ class NotebookTab:
                     shots_after = _screenshots(figures)
                     break
         return SliderMove(label, before, readout.text_content().strip(),
-                          handle.get_attribute("aria-valuetext") or "",
-                          readout.get_attribute("contenteditable") == "true", changed,
+                          handle.get_attribute("aria-valuetext") or "", linear, changed,
                           shots_before, shots_after)
 
     def log_console_count(self) -> int:
@@ -251,21 +250,17 @@ def _screenshots(figures) -> list[bytes]:
 def readout_matches(readout: str, value_text: str) -> bool:
     """Does the slider's readout show the handle's value, to the readout's own precision?
 
-    For numeric sliders only (a SelectionSlider's handle holds the option's index); the
-    tolerance is half a unit in the readout's last printed digit, since the readout is rounded.
-    A FloatLogSlider's handle holds the exponent, so base**value is accepted too for the usual
-    bases 10, 2 and e, within 5 % (its readout prints about 3 significant digits).
+    The handle (noUiSlider) holds the value itself only for IntSlider and FloatSlider; a
+    FloatLogSlider's holds the exponent and a SelectionSlider's the option's index. So a move is
+    checked this way only when the readout matched before it (`SliderMove.linear_readout`).
+    The tolerance is half a unit in the readout's last printed digit, since the readout is rounded.
     """
     try:
         shown, value = float(readout), float(value_text)
     except ValueError:
-        return True
-    mantissa = readout.lower().split("e")[0]
-    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
-    if "e" not in readout.lower() and abs(shown - value) <= 0.5 * 10 ** -decimals + 1e-12:
-        return True
-    return abs(value) < 300 and any(abs(shown - base ** value) <= 0.05 * abs(shown)
-                                    for base in (10, 2, math.e))
+        return False
+    decimals = len(readout.split(".")[1]) if "." in readout else 0
+    return abs(shown - value) <= 0.5 * 10 ** -decimals + 1e-12
 
 
 def exercise(tab: NotebookTab, rel_path: str, saved_file: Path) -> list[str]:
@@ -297,7 +292,7 @@ def exercise(tab: NotebookTab, rel_path: str, saved_file: Path) -> list[str]:
             return problems
         if move.readout_after == move.readout_before:
             problems.append(f"{name}: readout stayed {move.readout_before!r} after the arrow keys")
-        elif move.numeric_readout and not readout_matches(move.readout_after, move.value_text_after):
+        elif move.linear_readout and not readout_matches(move.readout_after, move.value_text_after):
             problems.append(f"{name}: readout {move.readout_after!r} but the handle is at "
                             f"{move.value_text_after!r}")
         if not move.figures_before:

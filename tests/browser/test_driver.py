@@ -49,7 +49,7 @@ def test_clean_notebook_passes_and_slider_redraws(notebook_tab, lab_server):
     assert problems == []
     (move,) = notebook_tab.slider_moves
     assert (move.readout_before, move.readout_after) == ("3", "6")  # 3 ArrowRight steps of 1
-    assert move.numeric_readout and move.value_text_after == "6"
+    assert move.linear_readout and move.value_text_after == "6"
     assert move.figure_changed
 
 
