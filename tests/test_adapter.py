@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model_state import assert_unchanged, snapshot
+
 from lora_lab import LoraConfig, apply_lora, count_parameters, lora_layers
 from lora_lab.adapter import load_adapter, save_adapter
 
@@ -50,18 +52,6 @@ def assert_same_function(ours, theirs):
     # Same weights; PEFT scales B(Ax) by s where lora_lab scales Ax before B: the same product rounded at another
     # point (<= 1 fp32 ulp of the update, exactly 0 when s is a power of two), carried through two layers.
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()})
-
-
-def assert_unchanged(model, before):
-    tensors, grads, types = snapshot(model)
-    assert types == before[2] and grads == before[1] and tensors.keys() == before[0].keys()
-    assert all(torch.equal(v, before[0][k]) for k, v in tensors.items())
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from model_state import assert_unchanged, snapshot
+
 from lora_lab import (LoraConfig, LoRALayer, LoRALinear, ParameterCount, apply_lora, count_parameters, lora_layers,
                       merge_lora, unload, unmerge_lora)
 
@@ -51,20 +53,6 @@ class TinyLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h)
         return self.lm_head(h)
-
-
-def snapshot(model):
-    """Everything a failed call must leave alone: tensors, requires_grad, module types."""
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: type(m) for n, m in model.named_modules()})
-
-
-def assert_unchanged(model, before):
-    tensors, grads, types = snapshot(model)
-    assert types == before[2] and grads == before[1] and tensors.keys() == before[0].keys()
-    for key, value in tensors.items():
-        assert torch.equal(value, before[0][key]), key
 
 
 def randomize_lora_B(model_or_layer, seed=0, std=1.0):
