@@ -9,7 +9,8 @@ What it does to each notebook, in place:
   renumbers execution counts 1, 2, 3, ... in cell order (outputs keep their count in step);
 - notebook metadata: keeps only `kernelspec` (normalized to the plain `python3` kernel),
   `language_info` (name only: the Python version is machine-specific) and `widgets` (the stored widget state);
-- outputs are kept as they are: nbval compares them.
+- outputs are kept as they are (nbval compares them), except stderr streams: nbval does not compare them,
+  and what lands there is library noise that names this machine's paths (import warnings, deprecations).
 """
 
 import argparse
@@ -31,6 +32,8 @@ def clean(nb: dict) -> dict:
             continue
         if cell.get("execution_count") is None and not cell.get("outputs"):
             continue
+        cell["outputs"] = [o for o in cell.get("outputs", [])
+                           if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
         count += 1
         cell["execution_count"] = count
         for out in cell.get("outputs", []):

@@ -1,0 +1,27 @@
+"""The committed notebooks are stored clean: no machine-specific metadata, no stderr noise, no local paths."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_clean_notebooks_check_passes():
+    if not NOTEBOOKS:
+        pytest.skip("no notebooks in notebooks/ yet")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "clean_notebooks.py"), "--check", *map(str, NOTEBOOKS)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"run scripts/clean_notebooks.py on: {proc.stdout}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_outputs_name_no_local_paths(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    text = json.dumps([c.get("outputs", []) for c in nb["cells"]])
+    for marker in ("site-packages", "/home/", "/root/", str(ROOT)):
+        assert marker not in text, f"{path.name} stores an output naming {marker!r}"
