@@ -211,8 +211,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             p.requires_grad_(flag)
         raise
     for name, wrapper in wrappers.items():
-        _set_submodule(model, name, wrapper)
-    _mark_trainable(model, config.bias)
+        set_submodule(model, name, wrapper)
+    mark_trainable(model, config.bias)
     model.lora_config = config
     return model
 
@@ -267,7 +267,7 @@ def unload(model: nn.Module) -> nn.Module:
             layer.merge()
         if name == "":
             return layer.base_layer
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -371,7 +371,7 @@ def _target_matches(targets, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
+def output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
     """The LM head: ``get_output_embeddings()``, any ``lm_head``, or a last linear with out == vocab size."""
     heads = {n for n in linear_names if n.rsplit(".", 1)[-1] == "lm_head"}
     get_head = getattr(model, "get_output_embeddings", None)
@@ -387,7 +387,7 @@ def _output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
 def _matched_names(model: nn.Module, targets) -> list[str]:
     linear_names = [n for n, m in model.named_modules() if n and _is_linear_like(m)]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = _output_head_names(model, linear_names)
+        heads = output_head_names(model, linear_names)
         names = [n for n in linear_names if n not in heads]
     else:
         names = [n for n, _ in model.named_modules() if n and _target_matches(targets, n)]
@@ -398,12 +398,13 @@ def _matched_names(model: nn.Module, targets) -> list[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (e.g. ``model.layers.0.self_attn.q_proj``) by ``module``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def _mark_trainable(model: nn.Module, bias: str) -> None:
+def mark_trainable(model: nn.Module, bias: str) -> None:
     """Freeze everything but lora_A/lora_B, then unfreeze biases as PEFT's ``bias`` option says."""
     model.requires_grad_(False)
     for layer in lora_layers(model).values():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora import LoraConfig, LoRALinear, _mark_trainable, _output_head_names, _set_submodule, lora_targets
+from .lora import LoraConfig, LoRALinear, lora_targets, mark_trainable, output_head_names, set_submodule
 from .nf4 import QuantizedWeight, quantize
 
 BACKENDS = ("torch", "bitsandbytes")
@@ -156,7 +156,7 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
     """
     targets = set(lora_targets(model, config))
     linears = [n for n, m in model.named_modules() if n and type(m) is nn.Linear]
-    heads = _output_head_names(model, linears)
+    heads = output_head_names(model, linears)
     not_linear = sorted(t for t in targets if type(model.get_submodule(t)) is not nn.Linear or t in heads)
     if not_linear:
         raise TypeError(f"apply_qlora quantizes plain nn.Linear layers other than the output head; {not_linear} "
@@ -171,8 +171,8 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
         new[name] = (QLoRALinear(nf4_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
                      if name in targets else nf4_layer)
     for name, module in new.items():
-        _set_submodule(model, name, module)
-    _mark_trainable(model, config.bias)
+        set_submodule(model, name, module)
+    mark_trainable(model, config.bias)
     model.lora_config = config
     return model
 
@@ -215,10 +215,10 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False):
                     table[name] = float(value)
             else:
                 replacement = _to_linear(base, merged)
-            _set_submodule(model, name, replacement)
+            set_submodule(model, name, replacement)
         if not requantize:
             for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
-                _set_submodule(model, name, _to_linear(module, module.dequantized_weight()))
+                set_submodule(model, name, _to_linear(module, module.dequantized_weight()))
     if hasattr(model, "lora_config"):
         del model.lora_config
     return (model, RequantizationReport(*errors)) if requantize else model
