@@ -3,8 +3,11 @@
 - `get_tokenizer()`: character level over a fixed alphabet, plus pad/bos/eos.
 - `pretraining_corpus(n)`: English-ish sentences and "copy: abc > abc" lines, what the base model
   learned (scripts/pretrain.py).
-- `load_task("reverse")`: "reverse: abc > cba", a mapping of the same characters that the base model
-  never saw. It can copy but not reverse; LoRA teaches it in seconds.
+- `load_task("vowel")`: "vowel: cat > cet", every vowel moved one step along a e i o u (u wraps to a).
+  The base model copies the word, so it gets every example wrong; LoRA teaches it in seconds, and the
+  task is learned gradually enough to show the rank story: r=1 already helps, r=2 to 4 is enough.
+- `load_task("reverse")`, `"shift"`, `"sort"`: harder mappings. Reverse needs a new attention pattern
+  and is learned in sudden jumps (a phase transition), so single runs vary a lot with the seed.
 
 Every example comes from a small splitmix64 generator of our own, so the texts are identical on every
 machine, Python and torch version (a test pins their sha256).
@@ -126,6 +129,13 @@ def encode_batch(tokenizer: CharTokenizer, texts: list[str], seq_len: int) -> to
 # ---------------------------------------------------------------------------------------------------
 # Fine-tuning tasks: (prompt, answer) pairs over the same characters, in a format the base never saw.
 
+VOWELS = "aeiou"
+
+
+def _vowel(w: str) -> str:
+    return "".join(VOWELS[(VOWELS.index(c) + 1) % len(VOWELS)] if c in VOWELS else c for c in w)
+
+
 def _reverse(w: str) -> str:
     return w[::-1]
 
@@ -138,7 +148,7 @@ def _sort(w: str) -> str:
     return "".join(sorted(w))
 
 
-TASKS = {"reverse": _reverse, "shift": _shift, "sort": _sort}
+TASKS = {"vowel": _vowel, "reverse": _reverse, "shift": _shift, "sort": _sort}
 WORD_LENGTHS = (3, 4)  # task words have 3 or 4 letters: 200 LoRA steps learn them (5-6 need far more)
 
 
@@ -181,7 +191,12 @@ class Task:
     @torch.no_grad()
     def evaluate(self, model, split: str = "eval", max_examples: int | None = None,
                  batch_size: int = 256) -> dict:
-        """Mean answer-token loss and exact-match accuracy on `split`.
+        """Mean answer-token loss, exact-match accuracy and per-token accuracy on `split`.
+
+        Returns:
+            ``{"loss", "accuracy", "token_accuracy"}``: loss in nats per answer token (eos included),
+            the fraction of examples entirely right, and the fraction of answer tokens right (partial
+            credit: a word with one wrong letter still scores its other letters).
 
         Accuracy uses teacher forcing: an example counts when the argmax at every answer position
         (and at eos) is the right token. That is exactly "greedy decoding reproduces the answer and
@@ -192,7 +207,7 @@ class Task:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        total_loss, n_tokens, n_correct = 0.0, 0, 0
+        total_loss, n_tokens, n_correct, n_token_hits = 0.0, 0, 0, 0
         for start in range(0, len(ids), batch_size):
             x, y = ids[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
             out = model(x)
@@ -203,8 +218,10 @@ class Task:
             n_tokens += int(mask.sum())
             hit = (logits.argmax(-1) == target) | ~mask
             n_correct += int(hit.all(dim=1).sum())
+            n_token_hits += int((hit & mask).sum())
         model.train(was_training)
-        return {"loss": total_loss / n_tokens, "accuracy": n_correct / len(ids)}
+        return {"loss": total_loss / n_tokens, "accuracy": n_correct / len(ids),
+                "token_accuracy": n_token_hits / n_tokens}
 
 
 def _pairs(name: str, rng: Rng, n: int, exclude: set) -> list[tuple[str, str]]:
@@ -218,12 +235,14 @@ def _pairs(name: str, rng: Rng, n: int, exclude: set) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_task(name: str = "reverse", seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> Task:
+def load_task(name: str = "vowel", seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> Task:
     """A fine-tuning task with disjoint train and held-out eval words.
 
     Args:
-        name: "reverse" (default: "reverse: abcd > dcba"), "shift" (each letter to the next one,
-            "shift: abz > bca") or "sort" ("sort: dbca > abcd").
+        name: "vowel" (default: "vowel: cat > cet", each vowel to the next of a e i o u), "reverse"
+            ("reverse: abcd > dcba"), "shift" (each letter to the next one, "shift: abz > bca") or
+            "sort" ("sort: dbca > abcd"). Words where the answer equals the word are skipped, so every
+            vowel word has a vowel and the base model, which copies, starts at 0% exact match.
         seed: which words; the same seed gives the same examples everywhere.
     """
     if name not in TASKS:

@@ -29,7 +29,7 @@ from .model import resolve_device
 
 METHODS = ("full", "lora", "qlora", None)
 # Defaults for the kit's small models: adapters start at B = 0 and need a larger step than full weights.
-DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3, None: 1e-3}
+DEFAULT_LR = {"full": 1e-3, "lora": 5e-3, "qlora": 5e-3, None: 1e-3}
 
 
 class StopTraining(Exception):

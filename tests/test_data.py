@@ -7,13 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.data import ALPHABET, Rng, get_tokenizer, load_task, pretraining_corpus
+from lora_lab.data import ALPHABET, TASKS, Rng, get_tokenizer, load_task, pretraining_corpus
 from lora_lab.model import load_base_model
 
 # sha256 of the first examples, recorded once; a change means the generated data changed everywhere.
 GOLDEN = {
     "corpus": "dafe05a73cc753a1a285e5c9ef47999665b70dd979c44840f10b77b6f7884e90",
-    "task": "c9f3766acba8a7cd7948f48b06ec60b1eb15383b2c4a050e89f9a7b9bca8fafc",
+    "reverse": "c9f3766acba8a7cd7948f48b06ec60b1eb15383b2c4a050e89f9a7b9bca8fafc",
+    "vowel": "77ba6768d898ff897cb4e1e6702c3b1d71c9354ae28fae6d64387f095c8ec599",
 }
 
 
@@ -21,14 +22,15 @@ def sha256(lines) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def first_task_lines(n=200):
-    task = load_task()
+def first_task_lines(n=200, name="vowel"):
+    task = load_task(name)
     return [p + a for p, a in task.train[:n] + task.eval[:n]]
 
 
 def test_generated_data_is_deterministic_and_matches_golden_hash():
     assert sha256(pretraining_corpus(500)) == sha256(pretraining_corpus(500)) == GOLDEN["corpus"]
-    assert sha256(first_task_lines()) == sha256(first_task_lines()) == GOLDEN["task"]
+    assert sha256(first_task_lines()) == sha256(first_task_lines()) == GOLDEN["vowel"]
+    assert sha256(first_task_lines(name="reverse")) == GOLDEN["reverse"]
 
 
 def test_rng_is_splitmix64():
@@ -65,7 +67,7 @@ def test_labels_mask_prompt_and_padding():
         prompt, answer = text.split("> ")
         scored = row_labels[row_labels != -100]
         assert scored.tolist() == tok.encode(answer, eos=True)  # the answer and eos, nothing else
-        assert (row_labels[: 1 + len(prompt) + 2] == -100).all()  # bos + "reverse: word > "
+        assert (row_labels[: 1 + len(prompt) + 2] == -100).all()  # bos + "vowel: word > "
 
 
 def test_evaluate_counts_exact_matches():
@@ -88,7 +90,43 @@ def test_evaluate_counts_exact_matches():
     assert task.evaluate(Oracle(1), max_examples=20)["accuracy"] == 0.0
 
 
+def test_token_accuracy_gives_partial_credit():
+    """An oracle wrong only at the first answer token scores 0% exact match, and 1 - 1/len per token."""
+    task = load_task()
+    ids, labels = task._encoded("eval")
+    ids, labels = ids[:20], labels[:20]
+
+    class FirstTokenWrong(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))  # evaluate() reads the device from a parameter
+
+        def forward(self, x):
+            target = labels.roll(-1, dims=1).clamp(min=0)  # next-token label at every position
+            first = (labels.roll(-1, dims=1) != -100).int().argmax(dim=1)  # first scored position
+            target[torch.arange(len(x)), first] = (target[torch.arange(len(x)), first] + 1) % 34
+            return torch.nn.functional.one_hot(target, 34).float() * 20
+
+    result = task.evaluate(FirstTokenWrong(), max_examples=20)
+    scored = int((labels[:, 1:] != -100).sum())
+    assert result["accuracy"] == 0.0
+    assert result["token_accuracy"] == pytest.approx(1 - 20 / scored)  # one miss per example
+
+
+@pytest.mark.parametrize("name", ["vowel", "reverse", "shift", "sort"])
+def test_every_answer_differs_from_the_word(name):
+    """The base model copies; no example may be solvable by copying."""
+    task = load_task(name)
+    assert all(p.split(": ")[1][:-3] != a for p, a in task.train + task.eval)
+
+
+def test_vowel_task_moves_each_vowel_one_step():
+    assert TASKS["vowel"]("cauze") == "ceazi"  # a->e, u->a, e->i; consonants stay
+
+
 def test_base_model_cannot_do_the_task():
-    assert load_task().evaluate(load_base_model(device="cpu"))["accuracy"] < 0.05
+    result = load_task().evaluate(load_base_model(device="cpu"))
+    assert result["accuracy"] < 0.05
+    assert result["token_accuracy"] > 0.5  # it copies: consonants and eos are already right
 
 # That default LoRA learns the task is tested through the trainer: tests/test_train.py.
