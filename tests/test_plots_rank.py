@@ -68,6 +68,10 @@ def test_summary_targets_similarity_and_live_figures_hold_their_data():
     fig, artists = plots.plot_rank_summary([1, 2], [10, 20], [1.0, 0.5], [0.1, 0.2], full={"loss": 0.4,
                                                                                           "accuracy": 0.3})
     np.testing.assert_allclose(artists["axes"][1].get_lines()[0].get_xdata(), [10, 20])
+    fig, artists = plots.plot_rank_summary([1, 2], [10, 20], [1.0, 0.5], [0.1, 0.2],
+                                           full={"loss": 0.4, "accuracy": 0.3, "params": 500})
+    full_point = artists["axes"][3].get_lines()[-1]  # exact match against parameters: full's own point
+    assert list(full_point.get_xdata()) == [500] and list(full_point.get_ydata()) == [0.3]
     fig, artists = plots.plot_targets({"q": {"r": 8, "params": 100, "loss": 0.3, "accuracy": 0.7}})
     assert artists["accuracy"][0].get_height() == 0.7
     phi = np.eye(2)

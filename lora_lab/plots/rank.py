@@ -70,15 +70,22 @@ def update_loss_curves(artists: dict, highlight) -> float:
 
 
 def plot_rank_summary(ranks, params, eval_loss, accuracy, full: dict | None = None):
-    """Final eval loss and accuracy against rank (left) and against trainable parameters (right)."""
+    """Final eval loss and exact match against rank (left) and against trainable parameters (right).
+
+    Args:
+        full: full fine-tuning's ``{"loss", "accuracy"}``, drawn as a dashed line; with ``"params"`` also
+            as a point at its parameter count on the right.
+    """
     fig, axes = new_figure(ncols=2, nrows=2, width=7.0, height=4.6)
-    series = [(eval_loss, "eval loss", "loss"), (accuracy, "eval accuracy", "accuracy")]
+    series = [(eval_loss, "eval loss", "loss"), (accuracy, "exact match", "accuracy")]
     for row, (values, label, key) in enumerate(series):
         for col, x in enumerate([ranks, params]):
             ax = axes[2 * row + col]
             ax.plot(x, values, "o-", color=COLORS["lora"], label="LoRA")
             if full is not None:
                 ax.axhline(full[key], color=COLORS["full"], ls="--", lw=1, label="full fine-tuning")
+                if col == 1 and "params" in full:
+                    ax.plot([full["params"]], [full[key]], "s", color=COLORS["full"])
             ax.set(xscale="log", ylabel=label if col == 0 else None)
             if row == 1:
                 ax.set_xlabel("rank r" if col == 0 else "trainable parameters")
@@ -100,7 +107,7 @@ def plot_targets(results: dict):
     ticks = [f"{k}\nr={v['r']}, {v['params']:,}" for k, v in results.items()]
     bars_l = ax_l.bar(x, [v["loss"] for v in results.values()], color=COLORS["lora"])
     bars_a = ax_a.bar(x, [v["accuracy"] for v in results.values()], color=COLORS["lora"])
-    for ax, name in ((ax_l, "eval loss"), (ax_a, "eval accuracy")):
+    for ax, name in ((ax_l, "eval loss"), (ax_a, "exact match")):
         ax.set_xticks(x, ticks, fontsize=8)
         ax.set_ylabel(name)
     return fig, {"loss": bars_l, "accuracy": bars_a}
@@ -116,7 +123,7 @@ def plot_subspace_similarity(phi: np.ndarray, title: str = "φ(A_r=8, A_r=64, i,
     return fig, {"image": image}
 
 
-def plot_live(max_steps: int, ylim=(1e-2, 10.0)):
+def plot_live(max_steps: int, ylim=(1e-3, 10.0)):
     """An empty train-loss / eval-loss axes for the Train button's live curve."""
     fig, ax = new_figure(width=6.0, height=3.0)
     (train,) = ax.plot([], [], color=COLORS["lora"], lw=1, alpha=0.6, label="train loss")
