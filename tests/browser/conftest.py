@@ -1,5 +1,7 @@
 """Fixtures for the end-to-end browser tests: one JupyterLab server and one headless Chromium per
-test session, one fresh tab per notebook.
+test session, one fresh tab per notebook. The same server also serves Notebook 7 (the `notebook`
+package's server extension, at /tree and /notebooks/<path>); a test picks the front end by
+parametrizing the `frontend` fixture with `lab_driver.LAB` (the default) or `lab_driver.NOTEBOOK7`.
 
 Convention for notebook authors (the browser test relies on it):
 
@@ -66,7 +68,7 @@ LAB_SETTINGS = {
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "browser: end-to-end test in headless Chromium against a real JupyterLab "
-                   "(deselect with -m 'not browser')")
+                   "or Notebook 7 (deselect with -m 'not browser')")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -236,13 +238,21 @@ def browser_context(lab_server, chromium_path, tmp_path_factory):
 
 
 @pytest.fixture
-def notebook_tab(request, browser_context, lab_server):
+def frontend():
+    """The front end a tab drives; parametrize ``frontend`` to pick another."""
+    from lab_driver import LAB
+
+    return LAB
+
+
+@pytest.fixture
+def notebook_tab(request, browser_context, lab_server, frontend):
     """A fresh tab; on failure its screenshot, the slider shots and the server log are kept."""
     from lab_driver import NotebookTab
 
     page = browser_context.new_page()
     page.set_default_timeout(60_000)
-    tab = NotebookTab(page, lab_server.url, lab_server.token)
+    tab = NotebookTab(page, lab_server.url, lab_server.token, frontend)
     tab.slider_moves = []
     try:
         yield tab

@@ -1,11 +1,13 @@
-"""Drive one notebook in a real JupyterLab tab the way a student would.
+"""Drive one notebook in a real JupyterLab or Notebook 7 tab the way a student would.
 
 `NotebookTab` opens a notebook, runs Run > Run All Cells from the menu bar, waits for the kernel,
 collects every problem a student would see (tracebacks, cells that never ran, widgets that did not
-render, errors counted in the log console) and moves marked sliders with the keyboard. It only
-reads the page; the tests in this folder decide what to assert.
+render, errors in the log console) and moves marked sliders. It only reads the page; the tests in
+this folder decide what to assert.
 
-The DOM names used here are JupyterLab 4's and ipywidgets 8's (noUiSlider handles).
+The DOM names used here are JupyterLab 4's and ipywidgets 8's (noUiSlider handles). Notebook 7 is
+built from the same components, so cells, prompts, outputs, menus and widgets have the same names;
+what differs is collected in a `Frontend` (see `LAB` and `NOTEBOOK7`).
 """
 from __future__ import annotations
 
@@ -16,26 +18,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 E2E_CLASS = "lora-lab-e2e"  # the CSS class a notebook adds to sliders the browser test moves
-KEY_PRESSES = 3  # how many arrow-key steps a slider is moved
+KEY_PRESSES = 3  # how many steps a slider is moved (arrow-key presses, or the same distance dragged)
 NOTEBOOK_TIMEOUT_S = 600  # Run All on the slowest notebook, on 2 busy cores
 FIGURE_TIMEOUT_S = 120  # one slider step may retrain a tiny model
 
-_KERNEL_STATUS = '.jp-StatusBar-TextItem[title^="Change kernel"]'
 _FIGURES = ".jp-RenderedImage img, .jp-RenderedSVG svg, img.widget-image, canvas"
+
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """What differs between the front ends a notebook is driven in.
+
+    Attributes:
+        name: short name, used in test ids.
+        url: the notebook's URL path, with ``{path}`` for its path under the server root.
+        kernel_status_js: a JavaScript expression giving the kernel status text shown on the page.
+        idle: a regular expression (Python and JavaScript alike) matching an idle status.
+        slider_keys: whether a focused slider handle gets the arrow keys. Notebook 7 starts its
+            application without ``bubblingKeydown``, so its shortcut handler sees every keydown first
+            (capture phase) and, in command mode, ArrowRight/Left on anything focused in the notebook
+            runs a heading-navigation command; the slider never moves. There the handle is dragged.
+        log_counter: whether the status bar counts log-console messages (JupyterLab). Without one
+            (Notebook 7) the tab opens View > Show Log Console before running and reads it.
+    """
+
+    name: str
+    url: str
+    kernel_status_js: str
+    idle: str
+    slider_keys: bool
+    log_counter: bool
+
+
+LAB = Frontend(
+    "lab", "/lab/tree/{path}?reset",  # reset: a fresh workspace, not the last test's layout
+    """document.querySelector('.jp-StatusBar-TextItem[title^="Change kernel"]')?.textContent.trim()""",
+    r" Idle$", slider_keys=True, log_counter=True)
+NOTEBOOK7 = Frontend(
+    "notebook7", "/notebooks/{path}",
+    "document.querySelector('.jp-Notebook-ExecutionIndicator')?.dataset.status",  # toolbar circle
+    r"^idle$", slider_keys=False, log_counter=False)
 
 # True once Run All has finished: kernel idle, no queued cell ([*]), and either the last code
 # cell has an execution count or an error stopped the run.
 _RUN_FINISHED_JS = """() => {
   const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
       .map(e => e.textContent.trim());
-  const status = document.querySelector('%s');
-  const idle = !!status && / Idle$/.test(status.textContent.trim());
+  const idle = new RegExp(%s).test((%s) || '');
   const error = [...document.querySelectorAll(
       '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
       .some(e => /Traceback|Error/.test(e.textContent));
   const last = prompts.length ? prompts[prompts.length - 1] : '[0]:';
   return idle && !prompts.some(p => p.includes('*')) && (/^\\[\\d+\\]:$/.test(last) || error);
-}""" % _KERNEL_STATUS
+}"""
 
 # Widget roots rendered directly in a cell's output area (not those nested in an Output widget).
 _WIDGET_OUTPUTS_JS = """() => [...document.querySelectorAll(
@@ -69,42 +105,47 @@ def widget_outputs_in_file(path: Path) -> int:
 
 
 class NotebookTab:
-    """One browser tab of JupyterLab showing one notebook.
+    """One browser tab of JupyterLab (or Notebook 7) showing one notebook.
 
     Args:
         page: a Playwright `Page` (sync API).
         base_url: the server's URL, e.g. ``http://127.0.0.1:8888``.
         token: the server's token (sent in the first URL; the server answers with a login cookie).
+        frontend: `LAB` or `NOTEBOOK7`.
     """
 
-    def __init__(self, page, base_url: str, token: str = ""):
+    def __init__(self, page, base_url: str, token: str = "", frontend: Frontend = LAB):
         self.page = page
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.frontend = frontend
         self.slider_moves: list[SliderMove] = []  # kept for the failure artifacts
 
     # -- opening and running ------------------------------------------------------------------
 
     def open(self, rel_path: str, timeout_s: float = 120) -> None:
         """Open ``rel_path`` (relative to the server root) with a fresh workspace; wait for the kernel."""
-        query = f"reset&token={self.token}" if self.token else "reset"
-        self.page.goto(f"{self.base_url}/lab/tree/{rel_path}?{query}", wait_until="domcontentloaded")
+        url = self.base_url + self.frontend.url.format(path=rel_path)
+        if self.token:
+            url += ("&" if "?" in url else "?") + f"token={self.token}"
+        self.page.goto(url, wait_until="domcontentloaded")
         self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout_s * 1000)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._accept_kernel_dialog()
             if self.is_idle():
+                if not self.frontend.log_counter:
+                    self._menu("View", "Show Log Console")  # no counter: keep the console in view
                 return
             time.sleep(0.25)
         raise TimeoutError(f"kernel for {rel_path} not idle after {timeout_s:.0f} s: "
                            f"{self.kernel_status()!r}")
 
     def is_idle(self) -> bool:
-        return self.kernel_status().endswith("| Idle")
+        return re.search(self.frontend.idle, self.kernel_status()) is not None
 
     def kernel_status(self) -> str:
-        status = self.page.locator(_KERNEL_STATUS)
-        return status.first.text_content().strip() if status.count() else ""
+        return self.page.evaluate(f"() => ({self.frontend.kernel_status_js}) || ''").strip()
 
     def _accept_kernel_dialog(self) -> None:
         # A notebook without kernelspec metadata asks which kernel to use; take the default.
@@ -116,10 +157,15 @@ class NotebookTab:
         """Run > Run All Cells from the menu bar, then wait until the run has finished."""
         # Run All acts on the notebook that has focus, as for a person clicking into it first.
         self.page.locator(".jp-Notebook .jp-Cell .jp-InputPrompt").first.click()
-        self.page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
-        label = self.page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$"))
+        self._menu("Run", "Run All Cells")
+        finished = _RUN_FINISHED_JS % (json.dumps(self.frontend.idle), self.frontend.kernel_status_js)
+        self.page.wait_for_function(finished, timeout=timeout_s * 1000, polling=250)
+
+    def _menu(self, menu: str, item: str) -> None:
+        """Click ``menu`` in the menu bar, then ``item`` (the same Lumino menus in both front ends)."""
+        self.page.locator(".lm-MenuBar-item", has_text=re.compile(f"^{re.escape(menu)}$")).click()
+        label = self.page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{re.escape(item)}$"))
         self.page.locator(".lm-Menu-item", has=label).click()
-        self.page.wait_for_function(_RUN_FINISHED_JS, timeout=timeout_s * 1000, polling=250)
 
     # -- what a student would see ---------------------------------------------------------------
 
@@ -148,8 +194,12 @@ class NotebookTab:
         return [(i, p) for i, p in enumerate(prompts, 1) if not re.fullmatch(r"\[\d+\]:", p)]
 
     def log_console_errors(self) -> list[str]:
-        """Messages JupyterLab counted in its log console (outputs no cell owns, e.g. a raising
-        widget callback). The status-bar counter shows only entries at warning level or above."""
+        """Messages in the log console (outputs no cell owns, e.g. a raising widget callback).
+        JupyterLab's status-bar counter and the console's default filter show only entries at
+        warning level or above."""
+        if not self.frontend.log_counter:  # Notebook 7: the console was opened by `open`
+            texts = self._log_console_texts()
+            return [f"{len(texts)} message(s)"] + texts if texts else []
         item = self.page.locator(".jp-LogConsoleStatusItem")
         if not item.count() or "lm-mod-hidden" in (item.first.get_attribute("class") or ""):
             return []
@@ -159,11 +209,15 @@ class NotebookTab:
         item.first.click()  # opens the log console panel, as a person would to see what happened
         try:
             self.page.wait_for_selector(".jp-LogConsolePanel .jp-OutputArea-output", timeout=10_000)
-            texts = self.page.eval_on_selector_all(
-                ".jp-LogConsolePanel .jp-OutputArea-output", "els => els.map(e => e.textContent)")
+            texts = self._log_console_texts()
         except Exception:  # noqa: BLE001 - the count alone is still a failure worth reporting
             texts = []
-        return [f"{count} message(s)"] + [t.strip()[-2000:] for t in texts if t.strip()]
+        return [f"{count} message(s)"] + texts
+
+    def _log_console_texts(self) -> list[str]:
+        texts = self.page.eval_on_selector_all(
+            ".jp-LogConsolePanel .jp-OutputArea-output", "els => els.map(e => e.textContent)")
+        return [t.strip()[-2000:] for t in texts if t.strip()]
 
     def widget_problems(self, expected: int, timeout_s: float = 30) -> list[str]:
         """Widgets that did not render: placeholders left, or fewer widget outputs than expected."""
@@ -191,7 +245,7 @@ class NotebookTab:
         return self.page.locator(f".widget-slider.{E2E_CLASS}")
 
     def move_slider(self, index: int, timeout_s: float = FIGURE_TIMEOUT_S) -> SliderMove:
-        """Press an arrow key on marked slider ``index``; wait for the figure in its cell to change.
+        """Move marked slider ``index`` (`_nudge`); wait for the figure in its cell to change.
 
         Moves right unless the handle is at its maximum. Stops waiting early when an error shows
         up (a raising callback), so `problems()` can report it.
@@ -207,10 +261,7 @@ class NotebookTab:
             "xpath=ancestor::div[contains(concat(' ', @class, ' '), ' jp-Cell-outputArea ')][1]"
         ).locator(_FIGURES)
         shots_before = _screenshots(figures)
-        at_max = float(handle.get_attribute("aria-valuenow")) >= float(handle.get_attribute("aria-valuemax"))
-        handle.focus()
-        for _ in range(KEY_PRESSES):
-            self.page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
+        self._nudge(slider, handle)
         changed, shots_after = False, shots_before
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -230,7 +281,28 @@ class NotebookTab:
                           handle.get_attribute("aria-valuetext") or "", linear, changed,
                           shots_before, shots_after)
 
+    def _nudge(self, slider, handle) -> None:
+        """Move the handle KEY_PRESSES steps right (left at the maximum): arrow keys where the
+        front end lets the handle have them, else a mouse drag to where those steps would land
+        (in the handle's own units: the value, a FloatLogSlider's exponent, an option's index)."""
+        low, high, now = (float(handle.get_attribute(f"aria-value{a}")) for a in ("min", "max", "now"))
+        at_max = now >= high
+        if self.frontend.slider_keys:
+            handle.focus()
+            for _ in range(KEY_PRESSES):
+                self.page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
+            return
+        target = max(now - KEY_PRESSES, low) if at_max else min(now + KEY_PRESSES, high)
+        track, box = slider.locator(".noUi-base").first.bounding_box(), handle.bounding_box()
+        y = box["y"] + box["height"] / 2
+        self.page.mouse.move(box["x"] + box["width"] / 2, y)
+        self.page.mouse.down()
+        self.page.mouse.move(track["x"] + (target - low) / (high - low) * track["width"], y, steps=8)
+        self.page.mouse.up()
+
     def log_console_count(self) -> int:
+        if not self.frontend.log_counter:
+            return len(self._log_console_texts())
         item = self.page.locator(".jp-LogConsoleStatusItem")
         if not item.count() or "lm-mod-hidden" in (item.first.get_attribute("class") or ""):
             return 0

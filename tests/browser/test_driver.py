@@ -1,15 +1,17 @@
 """The browser checks themselves: a clean notebook passes, and each kind of failure is caught.
 
 Each test writes a tiny notebook (an IntSlider redrawing a matplotlib bar chart) into the
-server's root, so these run even before notebooks/ has any notebook.
+server's root, so these run even before notebooks/ has any notebook. Each runs in JupyterLab and
+in Notebook 7, where the slider is dragged and the log console is read from its panel.
 """
 import json
 
 import pytest
 
-from lab_driver import E2E_CLASS, exercise
+from lab_driver import E2E_CLASS, LAB, NOTEBOOK7, exercise
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser,
+              pytest.mark.parametrize("frontend", [pytest.param(f, id=f.name) for f in (LAB, NOTEBOOK7)])]
 
 SLIDER_CELL = f"""import ipywidgets as widgets
 import matplotlib.pyplot as plt
