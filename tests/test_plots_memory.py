@@ -72,6 +72,13 @@ def test_timeline_plots_in_unit():
     np.testing.assert_allclose(lines["lora"].get_ydata(), [1, 2])
 
 
+def test_timeline_marks_each_measured_point():
+    # memory is measured only at some steps: each measurement must be visible as a marker, not just a line
+    _, lines = plot_timeline({"lora": ([1, 10, 20], [1, 1, 1])})
+    assert lines["lora"].get_marker() == "o"
+    np.testing.assert_array_equal(lines["lora"].get_xdata(), [1, 10, 20])
+
+
 def test_loss_curves_from_history_or_list():
     class H:
         train_loss = [3.0, 2.0, 1.0]

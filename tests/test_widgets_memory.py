@@ -82,6 +82,16 @@ def test_dashboard_bars_and_timeline_follow_updates():
     assert "peak 2.0 MiB" in dash.readout.value
 
 
+def test_dashboard_timeline_axes_hold_every_measured_point():
+    # the first draw has no points; later points must still lie inside the axes (not clipped off the top)
+    dash = MemoryDashboard(("lora",), CATS, min_interval=0.0)
+    for step, batch in ((1, 1), (10, 1), (20, 4)):
+        dash.update("lora", step, fake_measure("lora", r=4, batch_size=batch, seq_len=1))
+    (x0, x1), (y0, y1) = dash.ax_line.get_xlim(), dash.ax_line.get_ylim()
+    xs, ys = dash.lines["lora"].get_xdata(), dash.lines["lora"].get_ydata()
+    assert y0 == 0 and y1 >= max(ys) and x0 <= min(xs) and x1 >= max(xs)
+
+
 def test_dashboard_rejects_unknown_method():
     dash = MemoryDashboard(("lora",), CATS)
     with pytest.raises(ValueError):

@@ -116,15 +116,20 @@ def update_stacked_bars(bars: Mapping, data: StackedBars, ax=None, headroom: flo
         ax.set_ylim(0, max(float(bottom.max()), 1e-9) * headroom)
 
 
-def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax=None, unit: str = "MiB"):
-    """Lines of memory against training step; `series[name] = (steps, bytes)`. Returns (figure, {name: Line2D})."""
+def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax=None, unit: str = "MiB",
+                  marker: str = "o"):
+    """Lines of memory against training step; `series[name] = (steps, bytes)`. Returns (figure, {name: Line2D}).
+
+    Memory is measured only at some steps (`finetune` measures at step 1 and at each evaluation), so every
+    measured point gets a `marker`: the line between two markers is drawn, not measured.
+    """
     fig = ax.figure if ax is not None else None
     if ax is None:
         fig, ax = new_figure(4.0, 3.5)
     lines = {}
     for i, (name, (steps, nbytes)) in enumerate(series.items()):
         (lines[name],) = ax.plot(steps, np.asarray(nbytes, dtype=float) / UNITS[unit], label=name,
-                                 color=PALETTE[i % len(PALETTE)])
+                                 color=PALETTE[i % len(PALETTE)], marker=marker, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel(f"memory ({unit})")
     ax.legend(fontsize=8)

@@ -150,7 +150,7 @@ class MemoryDashboard:
         self.ax_bar, self.ax_line = ax_bar, ax_line
         _, self.bars = plot_stacked_bars(self.data(), ax=ax_bar, title="memory by category")
         _, self.lines = plot_timeline({m: ([], []) for m in self.methods}, ax=ax_line, unit=unit)
-        ax_line.set_title("total memory while training")
+        ax_line.set_title("total memory (markers: measured steps)", fontsize=10)
         self.image, self.readout = widgets.Image(format="png"), widgets.HTML()
         self.widget = widgets.VBox([self.image, self.readout])
         self._last_draw = 0.0
@@ -190,12 +190,21 @@ class MemoryDashboard:
         update_stacked_bars(self.bars, data, ax=self.ax_bar)
         for m, (steps, totals) in self.timeline.items():
             self.lines[m].set_data(steps, [t / UNITS[self.unit] for t in totals])
-        self.ax_line.relim()
-        self.ax_line.autoscale_view()
-        self.ax_line.set_ylim(bottom=0)  # from zero, so the lines' heights compare like the bars
+        self._fit_timeline()
         self.image.value = to_png(self.figure)
         self.readout.value = self._readout_html(data)
         self._last_draw = time.perf_counter()
+
+    def _fit_timeline(self) -> None:
+        """Axis limits that hold every measured point, y from zero so the heights compare like the bars.
+
+        Set explicitly: `set_ylim` turns matplotlib's autoscaling off, so after the first (empty) draw
+        `autoscale_view` would keep the old limits and later points would fall outside the axes.
+        """
+        steps = [s for xs, _ in self.timeline.values() for s in xs]
+        totals = [t / UNITS[self.unit] for _, ts in self.timeline.values() for t in ts]
+        self.ax_line.set_xlim(0, max(steps, default=1) * 1.05 + 1)
+        self.ax_line.set_ylim(0, max(max(totals, default=0.0), 1e-9) * 1.15)
 
     def finish(self) -> None:
         """Final redraw after training (the throttle may have skipped the last updates)."""
