@@ -4,6 +4,8 @@ A small blockwise absmax quantizer over a 15-level codebook stands in for NF4 he
 for any codebook that contains -1, 0 and 1 (NF4 itself is tested against bitsandbytes in test_nf4.py).
 """
 
+import functools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -109,3 +111,13 @@ def test_half_gap_rule_holds_for_real_nf4_with_double_quant(seed, scale):
     e = erasure(w, d, quantize_nf4, nf4_codebook())
     # as above, plus double quantization re-rounds each block's absmax (8-bit, relative error < 1%)
     assert e.agreement > 0.97
+
+
+def test_erasure_rejects_a_quantizer_with_another_blocksize():
+    # codes and thresholds are read per block of `blocksize`: a quantizer with other blocks would misplace them all
+    from lora_lab.nf4 import nf4_codebook, quantize_nf4
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="blocksize"):
+        erasure(w, 1e-3 * w, quantize_nf4, nf4_codebook(), blocksize=256)  # quantize_nf4's default is 64
+    erasure(w, 1e-3 * w, functools.partial(quantize_nf4, blocksize=256), nf4_codebook(), blocksize=256)

@@ -83,6 +83,16 @@ def erase_threshold(w_dq: torch.Tensor, delta: torch.Tensor, codebook: torch.Ten
     return (cb[nb] - cb[idx]).abs() / 2 * block_absmax(w_dq, blocksize)
 
 
+def _dequantized(quantize: Callable, w: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """dequant(quantize(w)) in float32, after checking the quantizer's blocksize (where it reports one) is the
+    `blocksize` the codes and thresholds are read with: a mismatch would silently misplace every block."""
+    q = quantize(w)
+    if getattr(q, "blocksize", blocksize) != blocksize:
+        raise ValueError(f"quantize uses blocksize {q.blocksize} but blocksize={blocksize} was passed; pass a quantizer "
+                         f"with the same blocksize, e.g. functools.partial(quantize_nf4, blocksize={blocksize}).")
+    return q.dequantize().float()
+
+
 class Erasure(NamedTuple):
     erased: float  # fraction of entries whose requantized code equals the old code (only absmax may move)
     predicted: float  # fraction with |ΔW| < erase_threshold
@@ -92,9 +102,9 @@ class Erasure(NamedTuple):
 
 def erasure(weight, delta, quantize: Callable, codebook, blocksize: int = 64) -> Erasure:
     """Measure how much of ΔW survives merging into NF4 and requantizing, and check the half-gap rule."""
-    w_dq = quantize(weight.detach().float()).dequantize().float()
+    w_dq = _dequantized(quantize, weight.detach().float(), blocksize)
     d = delta.detach().float()
-    w_after = quantize(w_dq + d).dequantize().float()
+    w_after = _dequantized(quantize, w_dq + d, blocksize)
     after = w_after - w_dq  # the update that survives
     erased = (codes_of(w_after, codebook, blocksize) == codes_of(w_dq, codebook, blocksize)) & (d != 0)
     predicted = (d.abs() < erase_threshold(w_dq, d, codebook, blocksize)) & (d != 0)
@@ -106,7 +116,7 @@ def erasure(weight, delta, quantize: Callable, codebook, blocksize: int = 64) ->
 
 def erasure_ratio(weight, delta, quantize: Callable, codebook, blocksize: int = 64) -> torch.Tensor:
     """log10(|ΔW| / threshold) per nonzero entry: below 0, requantization erases the entry (edge codes left out)."""
-    w_dq = quantize(weight.detach().float()).dequantize().float()
+    w_dq = _dequantized(quantize, weight.detach().float(), blocksize)
     thr = erase_threshold(w_dq, delta.float(), codebook, blocksize)
     keep = (delta != 0) & (thr > 0)
     return torch.log10(delta.float().abs()[keep] / thr[keep])
