@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from torch.nn import functional as nn_functional
 
 NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map default; ~ ((1 - 1/32) + (1 - 1/30)) / 2
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit accepts
@@ -231,16 +232,21 @@ def quantize_int4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool | None = None) -> torch.Tensor:
     """``code[index] * absmax`` computed in float32, cast to ``dtype`` (default ``q.dtype``), shape ``q.shape``.
 
-    Equals ``bitsandbytes.functional.dequantize_4bit`` for the same bytes and scales.
+    Equals ``bitsandbytes.functional.dequantize_4bit`` for the same bytes and scales. Three paths give the
+    same bits: ``fast=False`` the readable one (`dequantize_blocks`); ``fast=True`` the compiled kernel;
+    ``fast=None`` the compiled kernel from `FAST_MIN_NUMEL` values on, else the eager byte-table lookup
+    (`_table_dequantize`), which needs no compiling.
     """
     if not isinstance(q, QuantizedWeight):
         raise TypeError(f"dequantize expects a QuantizedWeight (from quantize_nf4), got {type(q).__name__}.")
     dtype = q.dtype if dtype is None else dtype
     _check_choice("dtype", dtype, FLOAT_DTYPES)
-    if q.numel >= FAST_MIN_NUMEL if fast is None else fast:
-        return _fast_dequantize(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel, dtype).reshape(q.shape)
-    flat = dequantize_blocks(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel)
-    return flat.to(dtype).reshape(q.shape)
+    if fast is False or q.code.dtype != torch.float32:
+        flat = dequantize_blocks(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel)
+        return flat.to(dtype).reshape(q.shape)
+    if fast or q.numel >= FAST_MIN_NUMEL:
+        return _fast_dequantize(q, dtype).reshape(q.shape)
+    return _table_dequantize(q, dtype).reshape(q.shape)
 
 
 dequantize_nf4 = dequantize  # bitsandbytes' name for the NF4 case; the state already says which type
@@ -351,18 +357,30 @@ def _fused_codes(blocks: torch.Tensor, bin_base: torch.Tensor, bin_threshold: to
     return (pairs[:, 0] << 4) | pairs[:, 1], absmax
 
 
-def _fused_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """(m, blocksize/2) packed bytes of full blocks, (m,) absmax -> (m, blocksize) in ``dtype`` (fp32 products)."""
-    values = torch.stack([code[(packed >> 4).long()], code[(packed & 0x0F).long()]], dim=2)  # (m, blocksize/2, 2)
-    return (values.reshape(packed.shape[0], -1) * absmax[:, None]).to(dtype)
+def _fused_dequantize(packed: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype,
+                      offset=None, nested_absmax=None, nested_code=None, nested_blocksize: int = NESTED_BLOCKSIZE):
+    """(m, blocksize/2) packed bytes of full blocks -> (m, blocksize) in ``dtype``; same result as `dequantize_blocks`.
+
+    ``table`` is `_byte_table` (256, 2): each byte is looked up once. With double quantization ``absmax``
+    holds the m uint8 codes and the scales are decoded in the same kernel (``nested_code[c] * s + offset``,
+    a multiply then an add, as `QuantizedWeight.block_absmax` does), so no (m,) float32 scale tensor is built.
+    """
+    m = packed.shape[0]
+    if offset is not None:
+        nested_scale = nested_absmax[torch.arange(m, device=packed.device) // nested_blocksize]  # (m,)
+        absmax = nested_code[absmax.int()] * nested_scale + offset
+    values = table[packed.int()]  # (m, blocksize/2, 2): high nibble's value, then the low nibble's
+    return (values.reshape(m, -1) * absmax[:, None]).to(dtype)
 
 
 @lru_cache(maxsize=None)
 def _compiled(name: str):
     function = {"codes": _fused_codes, "dequantize": _fused_dequantize}[name]
+    # Every table index is in range by construction (a byte indexes 256 entries, an 8-bit code 256 values),
+    # so the per-element bounds checks are dropped; they keep the generated loop from being simple.
+    options = {"assert_indirect_indexing": False} if name == "dequantize" else None
     try:
-        return torch.compile(function)  # the block count becomes dynamic after a second shape; blocksize stays fixed
+        return torch.compile(function, options=options)  # the block count becomes dynamic after a second shape
     except Exception:  # no compiler available: the same function, eagerly
         return function
 
@@ -396,16 +414,63 @@ def _fast_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple
     return torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
 
 
-def _fast_dequantize(packed, absmax, code, blocksize, n, dtype):
+def _fast_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The compiled kernel on the full blocks, the readable path on a last partial block. (n,) in ``dtype``."""
+    n, blocksize = q.numel, q.blocksize
     full = n - n % blocksize
     if full == 0:
-        return dequantize_blocks(packed, absmax, code, blocksize, n).to(dtype)
-    blocks = packed[: full // 2].reshape(-1, blocksize // 2)
-    head = _compiled("dequantize")(blocks, absmax[: full // blocksize], code, dtype).reshape(-1)
+        return dequantize_blocks(q.packed, q.block_absmax(), q.code, blocksize, n).to(dtype)
+    m = full // blocksize
+    nested = dict(offset=q.offset, nested_absmax=q.nested_absmax, nested_code=q.nested_code,
+                  nested_blocksize=q.nested_blocksize) if q.nested else {}
+    blocks = q.packed[: full // 2].reshape(m, blocksize // 2)
+    head = _compiled("dequantize")(blocks, _byte_table(q.code), q.absmax[:m], dtype, **nested).reshape(-1)
     if full == n:
         return head
-    tail = dequantize_blocks(packed[full // 2:], absmax[full // blocksize:], code, blocksize, n - full)
+    tail = dequantize_blocks(q.packed[full // 2:], _block_scales(q)[m:], q.code, blocksize, n - full)
     return torch.cat([head, tail.to(dtype)])
+
+
+@lru_cache(maxsize=None)
+def _byte_index(device: torch.device) -> torch.Tensor:
+    byte = torch.arange(256, device=device)
+    return torch.stack([byte >> 4, byte & 0x0F], dim=1)  # (256, 2): the two codes packed in each byte value
+
+
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """(256, 2) float32: the values of the high and the low nibble of every byte, ``code[b >> 4], code[b & 15]``."""
+    return code[_byte_index(code.device)]
+
+
+def _block_scales(q: QuantizedWeight) -> torch.Tensor:
+    """`QuantizedWeight.block_absmax` with one lookup and an in-place multiply and add (same bits). (n_blocks,)"""
+    if not q.nested:
+        return q.absmax
+    n_blocks, size = q.absmax.numel(), q.nested_blocksize
+    codes = _pad(q.absmax.int(), -n_blocks % size)  # whole nested blocks; the padding is cut off below
+    scales = q.nested_code.index_select(0, codes).view(-1, size).mul_(q.nested_absmax[:, None])
+    return scales.view(-1)[:n_blocks].add_(q.offset)
+
+
+def _pad(x: torch.Tensor, count: int) -> torch.Tensor:
+    return nn_functional.pad(x, (0, count)) if count else x  # zeros at the end of a 1-d tensor
+
+
+def _table_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The eager fast path, (n,) in ``dtype``: one lookup per *byte* instead of two shifts and two nibble lookups.
+
+    # Note: the byte table
+    A byte holds two codes, so there are only 256 possible value pairs. Viewed as one 8-byte integer each,
+    the pairs of `_byte_table` are fetched with a single ``index_select`` per byte; the result, viewed back as
+    float32, is the unpacked row ``code[i0], code[i1], ...``. Each block is then scaled in place by its absmax:
+    the same float32 products as `dequantize_blocks`, hence the same bits.
+    """
+    n_blocks, blocksize = q.absmax.numel(), q.blocksize
+    index = _pad(q.packed.int(), n_blocks * blocksize // 2 - q.packed.numel())  # a partial last block
+    pairs = _byte_table(q.code).view(torch.int64).view(-1)  # (256,) each entry two float32 values
+    values = pairs.index_select(0, index).view(torch.float32).view(n_blocks, blocksize)
+    values.mul_(_block_scales(q)[:, None])
+    return values.view(-1)[: q.numel].to(dtype)
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -203,11 +203,41 @@ def test_fused_binned_search_equals_the_readable_path():
         code = nf4.codebook(quant_type)
         assert all(torch.equal(a, b) for a, b in zip(nf4.quantize_blocks(w[:-5], code, 64),
                                                      nf4._fused_codes(w[:-5].reshape(-1, 64), *nf4._bin_tables(code))))
-    q = nf4.quantize_nf4(w)
-    full = w.numel() - 5
-    fused = nf4._fused_dequantize(q.packed[: full // 2].reshape(-1, 32), q.block_absmax()[:-1], q.code, torch.float32)
-    fused = fused.reshape(-1)
-    assert torch.equal(fused, nf4.dequantize_blocks(q.packed, q.block_absmax(), q.code, 64, w.numel())[:full])
+
+
+def bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])  # compare bit patterns, not values
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fused_dequantize_equals_the_readable_path_bit_for_bit(double_quant):
+    torch.manual_seed(0)
+    w = torch.randn(300 * 64 + 5)  # 300 full blocks: more than one nested block of 256, and a partial one
+    q = nf4.quantize_nf4(w, double_quant=double_quant)
+    nested = dict(offset=q.offset, nested_absmax=q.nested_absmax, nested_code=q.nested_code) if double_quant else {}
+    readable = nf4.dequantize_blocks(q.packed, q.block_absmax(), q.code, 64, w.numel())[:300 * 64]
+    for dtype in DTYPES:
+        fused = nf4._fused_dequantize(q.packed[: 300 * 32].reshape(300, 32), nf4._byte_table(q.code), q.absmax[:300],
+                                      dtype, **nested)
+        assert torch.equal(bits(fused.reshape(-1)), bits(readable.to(dtype)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(weights(), st.sampled_from(["nf4", "fp4", "int4"]), st.sampled_from(DTYPES))
+def test_property_every_dequantize_path_gives_the_same_bits(case, quant_type, dtype):
+    w, blocksize, double_quant = case
+    q = nf4.quantize(w, quant_type, blocksize, double_quant)
+    readable = nf4.dequantize(q, dtype, fast=False)
+    for fast in (None, True):  # the eager byte table (small weights) and the fused kernel
+        assert torch.equal(bits(nf4.dequantize(q, dtype, fast=fast)), bits(readable))
+    assert torch.equal(nf4._block_scales(q), q.block_absmax())
+
+
+def test_byte_table_holds_both_nibbles_of_every_byte():
+    code = nf4.nf4_codebook()
+    table = nf4._byte_table(code)
+    assert torch.equal(table[0x3C], torch.stack([code[3], code[12]]))
+    assert torch.equal(table.reshape(-1), code[nf4.unpack_4bit(torch.arange(256, dtype=torch.uint8), 512)])
 
 
 def test_dequantize_returns_original_shape_and_dtype():
@@ -246,3 +276,13 @@ def test_packed_codes_that_do_not_fit_the_shape_are_refused():
         nf4.QuantizedWeight(**{**q.__dict__, "shape": torch.Size([10, 12])})
     with pytest.raises(ValueError, match="one scale per block"):
         nf4.QuantizedWeight(**{**q.__dict__, "shape": torch.Size([10, 10]), "blocksize": 32})
+
+
+def test_compiled_dequantize_kernel_gives_the_same_bits():
+    # The other tests run the fused function eagerly (see the fixture above); this one compiles it once,
+    # since a compiler could reorder the float32 multiply and add of the scale decoding.
+    torch.manual_seed(0)
+    q = nf4.quantize_nf4(torch.randn(300 * 64 + 5, dtype=torch.bfloat16))
+    with torch._dynamo.config.patch(disable=False):
+        fast = nf4.dequantize(q, fast=True)
+    assert torch.equal(bits(fast), bits(nf4.dequantize(q, fast=False)))
