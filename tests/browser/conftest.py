@@ -11,11 +11,11 @@ Convention for notebook authors (the browser test relies on it):
       r_slider.add_class("lora-lab-e2e")
 
 * Its figure is shown by the **same cell** that displays the slider, e.g. an ``Output`` in a
-  ``VBox([slider, out])`` or ``interact``'s output. The test presses the arrow key a few times
-  (right, or left at the maximum), waits for the kernel, and asserts that the figure(s) in that
-  cell's output area look different (element screenshots) and that the slider's readout shows the
-  handle's new value. Mark only sliders that redraw a figure (matplotlib inline PNG/SVG,
-  ``widgets.Image`` or a canvas).
+  ``VBox([slider, out])`` or ``interact``'s output. The test moves it a few steps (right, or
+  left at the maximum; arrow keys in JupyterLab, a mouse drag in Notebook 7), waits for the
+  kernel, and asserts that the figure(s) in that cell's output area look different (element
+  screenshots) and that the slider's readout shows the handle's new value. Mark only sliders
+  that redraw a figure (matplotlib inline PNG/SVG, ``widgets.Image`` or a canvas).
 * Any notebook that shows a slider must mark at least one.
 * A widget callback must not raise: an exception inside ``with out:`` shows as a traceback in
   the Output, one outside lands in JupyterLab's log console; the test fails on both.

@@ -25,7 +25,6 @@ FIGURE_TIMEOUT_S = 120  # one slider step may retrain a tiny model
 _FIGURES = ".jp-RenderedImage img, .jp-RenderedSVG svg, img.widget-image, canvas"
 
 
-
 @dataclass(frozen=True)
 class Frontend:
     """What differs between the front ends a notebook is driven in.
