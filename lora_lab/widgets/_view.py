@@ -55,6 +55,9 @@ class FigureView:
 
 
 def e2e_slider(slider):
-    """Mark a slider for the browser test (it moves it with the keyboard and expects the figure to change)."""
+    """Mark a slider for the browser test.
+
+    The test moves it (by keyboard in JupyterLab, by mouse in Notebook 7) and expects the figure to change.
+    """
     slider.add_class("lora-lab-e2e")
     return slider
