@@ -1,9 +1,13 @@
 """Training speed: lora_lab's finetune against PEFT (+ bitsandbytes Linear4bit for QLoRA) on the same model.
 
-Both sides train the shipped base model (PEFT on its transformers export) with the same LoRA config, batches,
+Both sides train the shipped base model (PEFT on its transformers export) with the same LoRA config, batch size,
 learning rate and AdamW, for the same number of steps; steps/second is the median step time's inverse.
 
-    python benchmarks/bench_train.py [--steps 60] [--batch-size 32] [--device cpu]
+The two are interleaved step by step (one PEFT step runs in `finetune`'s callback, outside the kit's timed
+step), so a machine whose load changes during the run slows both sides alike. ``--rounds`` repeats the whole
+measurement and prints every round's ratio.
+
+    python benchmarks/bench_train.py [--steps 60] [--batch-size 32] [--device cpu] [--threads N] [--rounds 1]
 """
 
 import argparse
@@ -57,14 +61,16 @@ def peft_model(base, method, directory, device):
     return peft.get_peft_model(hf, peft_config)
 
 
-def peft_steps(method, task, args) -> list[float]:
+def peft_stepper(method, task, args):
+    """A function that runs one timed PEFT training step; the step times collect in its ``times`` list."""
     with tempfile.TemporaryDirectory() as directory:
         model = peft_model(base_model("cpu"), method, directory, args.device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=DEFAULT_LR[method],
                             weight_decay=0.0)
     gen, times = torch.Generator().manual_seed(0), []
-    for _ in range(args.steps):
+
+    def step(*_):
         ids, labels = (t.to(args.device) for t in task.get_batch("train", args.batch_size, gen))
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -73,7 +79,25 @@ def peft_steps(method, task, args) -> list[float]:
         if ids.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return times
+
+    step.times = times
+    return step
+
+
+def peft_steps(method, task, args) -> list[float]:
+    step = peft_stepper(method, task, args)
+    for _ in range(args.steps):
+        step()
+    return step.times
+
+
+def interleaved_steps(method, task, args) -> tuple[list[float], list[float]]:
+    """(kit step times, PEFT step times), one PEFT step after each of `finetune`'s steps."""
+    peft_step = peft_stepper(method, task, args)
+    history = finetune(base_model(args.device), task, method=method, steps=args.steps, batch_size=args.batch_size,
+                       eval_every=None, eval_examples=1, measure_memory=False, progress=False, device=args.device,
+                       callback=peft_step)
+    return history.step_seconds, peft_step.times
 
 
 def rate(times: list[float]) -> float:
@@ -85,19 +109,24 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task = load_task()
     print(f"device={args.device}  batch={args.batch_size}x{task.seq_len} tokens  steps={args.steps}  "
           f"threads={torch.get_num_threads()}")
     print(f"{'method':<8}{'lora_lab steps/s':>18}{'PEFT steps/s':>16}{'lora_lab / PEFT':>18}")
-    for method in ("lora", "qlora"):
-        kit = rate(kit_steps(method, task, args))
-        try:
-            other = rate(peft_steps(method, task, args))
-        except Exception as error:  # e.g. bitsandbytes 4-bit not available on this device
-            print(f"{method:<8}{kit:>18.1f}{'n/a':>16}{'':>18}   ({type(error).__name__}: {error})")
-            continue
-        print(f"{method:<8}{kit:>18.1f}{other:>16.1f}{kit / other:>17.2f}x")
+    for _ in range(args.rounds):
+        for method in ("lora", "qlora"):
+            try:
+                kit, other = (rate(times) for times in interleaved_steps(method, task, args))
+            except Exception as error:  # e.g. bitsandbytes 4-bit not available on this device
+                kit = rate(kit_steps(method, task, args))
+                print(f"{method:<8}{kit:>18.1f}{'n/a':>16}{'':>18}   ({type(error).__name__}: {error})")
+                continue
+            print(f"{method:<8}{kit:>18.1f}{other:>16.1f}{kit / other:>17.2f}x")
     start = time.perf_counter()
     finetune(base_model(args.device), task, progress=False, device=args.device)
     print(f"default finetune(model, task) run (200 steps, batch 32, eval every 50, memory measured): "

@@ -246,7 +246,7 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool 
         return flat.to(dtype).reshape(q.shape)
     if fast or q.numel >= FAST_MIN_NUMEL:
         return _fast_dequantize(q, dtype).reshape(q.shape)
-    return _table_dequantize(q, dtype).reshape(q.shape)
+    return _table_dequantize(q, dtype).view(q.shape)
 
 
 dequantize_nf4 = dequantize  # bitsandbytes' name for the NF4 case; the state already says which type
@@ -361,7 +361,7 @@ def _fused_dequantize(packed: torch.Tensor, table: torch.Tensor, absmax: torch.T
                       offset=None, nested_absmax=None, nested_code=None, nested_blocksize: int = NESTED_BLOCKSIZE):
     """(m, blocksize/2) packed bytes of full blocks -> (m, blocksize) in ``dtype``; same result as `dequantize_blocks`.
 
-    ``table`` is `_byte_table` (256, 2): each byte is looked up once. With double quantization ``absmax``
+    ``table`` is `_byte_table` as (256, 2): each byte is looked up once. With double quantization ``absmax``
     holds the m uint8 codes and the scales are decoded in the same kernel (``nested_code[c] * s + offset``,
     a multiply then an add, as `QuantizedWeight.block_absmax` does), so no (m,) float32 scale tensor is built.
     """
@@ -424,31 +424,36 @@ def _fast_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     nested = dict(offset=q.offset, nested_absmax=q.nested_absmax, nested_code=q.nested_code,
                   nested_blocksize=q.nested_blocksize) if q.nested else {}
     blocks = q.packed[: full // 2].reshape(m, blocksize // 2)
-    head = _compiled("dequantize")(blocks, _byte_table(q.code), q.absmax[:m], dtype, **nested).reshape(-1)
+    table = _byte_table(q.code).view(256, 2)
+    head = _compiled("dequantize")(blocks, table, q.absmax[:m], dtype, **nested).reshape(-1)
     if full == n:
         return head
     tail = dequantize_blocks(q.packed[full // 2:], _block_scales(q)[m:], q.code, blocksize, n - full)
     return torch.cat([head, tail.to(dtype)])
 
 
+_BYTE_CODES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0x0F], dim=1).reshape(-1)  # (512,)
+
+
 @lru_cache(maxsize=None)
-def _byte_index(device: torch.device) -> torch.Tensor:
-    byte = torch.arange(256, device=device)
-    return torch.stack([byte >> 4, byte & 0x0F], dim=1)  # (256, 2): the two codes packed in each byte value
+def _byte_codes_on(device: torch.device) -> torch.Tensor:
+    return _BYTE_CODES.to(device)
 
 
 def _byte_table(code: torch.Tensor) -> torch.Tensor:
-    """(256, 2) float32: the values of the high and the low nibble of every byte, ``code[b >> 4], code[b & 15]``."""
-    return code[_byte_index(code.device)]
+    """(512,) float32: for every byte value b, ``code[b >> 4], code[b & 15]`` (the values of its two nibbles)."""
+    return code.index_select(0, _BYTE_CODES if code.is_cpu else _byte_codes_on(code.device))
 
 
 def _block_scales(q: QuantizedWeight) -> torch.Tensor:
-    """`QuantizedWeight.block_absmax` with one lookup and an in-place multiply and add (same bits). (n_blocks,)"""
+    """`QuantizedWeight.block_absmax` in few operations: one lookup, one multiply, one add (same bits). (n_blocks,)"""
     if not q.nested:
         return q.absmax
     n_blocks, size = q.absmax.numel(), q.nested_blocksize
+    if n_blocks <= size:  # a single nested block, one scale
+        return q.nested_code.index_select(0, q.absmax.int()).mul_(q.nested_absmax).add_(q.offset)
     codes = _pad(q.absmax.int(), -n_blocks % size)  # whole nested blocks; the padding is cut off below
-    scales = q.nested_code.index_select(0, codes).view(-1, size).mul_(q.nested_absmax[:, None])
+    scales = q.nested_code.index_select(0, codes).view(-1, size).mul_(q.nested_absmax.unsqueeze(1))
     return scales.view(-1)[:n_blocks].add_(q.offset)
 
 
@@ -463,15 +468,17 @@ def _table_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     A byte holds two codes, so there are only 256 possible value pairs. Viewed as one 8-byte integer each,
     the pairs of `_byte_table` are fetched with a single ``index_select`` per byte; the result, viewed back as
     float32, is the unpacked row ``code[i0], code[i1], ...``. Each block is then scaled in place by its absmax:
-    the same float32 products as `dequantize_blocks`, hence the same bits.
+    the same float32 products as `dequantize_blocks`, hence the same bits. The weights of a small model are
+    dequantized twice per layer and step, so every operation saved here counts (each costs microseconds).
     """
-    n_blocks, blocksize = q.absmax.numel(), q.blocksize
+    n_blocks, blocksize, n = q.absmax.numel(), q.blocksize, q.numel
     index = _pad(q.packed.int(), n_blocks * blocksize // 2 - q.packed.numel())  # a partial last block
-    pairs = _byte_table(q.code).view(torch.int64).view(-1)  # (256,) each entry two float32 values
+    pairs = _byte_table(q.code).view(torch.int64)  # (256,): each entry two float32 values
     values = pairs.index_select(0, index).view(torch.float32).view(n_blocks, blocksize)
-    values.mul_(_block_scales(q)[:, None])
-    return values.view(-1)[: q.numel].to(dtype)
-
+    values.mul_(_block_scales(q).unsqueeze(1))
+    if n != n_blocks * blocksize:
+        values = values.view(-1)[:n]
+    return values if dtype == torch.float32 else values.to(dtype)
 
 # --------------------------------------------------------------------------------------------- checks
 
