@@ -214,11 +214,10 @@ def test_fused_dequantize_equals_the_readable_path_bit_for_bit(double_quant):
     torch.manual_seed(0)
     w = torch.randn(300 * 64 + 5)  # 300 full blocks: more than one nested block of 256, and a partial one
     q = nf4.quantize_nf4(w, double_quant=double_quant)
-    nested = dict(offset=q.offset, nested_absmax=q.nested_absmax, nested_code=q.nested_code) if double_quant else {}
     readable = nf4.dequantize_blocks(q.packed, q.block_absmax(), q.code, 64, w.numel())[:300 * 64]
     for dtype in DTYPES:
-        fused = nf4._fused_dequantize(q.packed[: 300 * 32].reshape(300, 32), nf4._byte_table(q.code).view(256, 2), q.absmax[:300],
-                                      dtype, **nested)
+        fused = nf4._fused_dequantize(q.packed[: 300 * 32].reshape(300, 32), q.code, q.block_absmax()[:300], dtype,
+                                      torch.tensor([4, 0], dtype=torch.int32).repeat(32))
         assert torch.equal(bits(fused.reshape(-1)), bits(readable.to(dtype)))
 
 
