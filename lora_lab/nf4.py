@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from torch.nn import functional as nn_functional
+
+from . import nf4_fast
 
 NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map default; ~ ((1 - 1/32) + (1 - 1/30)) / 2
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit accepts
@@ -235,7 +236,7 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool 
     Equals ``bitsandbytes.functional.dequantize_4bit`` for the same bytes and scales. Three paths give the
     same bits: ``fast=False`` the readable one (`dequantize_blocks`); ``fast=True`` the compiled kernel;
     ``fast=None`` the compiled kernel from `FAST_MIN_NUMEL` values on, else the eager byte-table lookup
-    (`_table_dequantize`), which needs no compiling.
+    (`nf4_fast.table_dequantize`), which needs no compiling.
     """
     if not isinstance(q, QuantizedWeight):
         raise TypeError(f"dequantize expects a QuantizedWeight (from quantize_nf4), got {type(q).__name__}.")
@@ -246,7 +247,7 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool 
         return flat.to(dtype).reshape(q.shape)
     if fast or q.numel >= FAST_MIN_NUMEL:
         return _fast_dequantize(q, dtype).reshape(q.shape)
-    return _table_dequantize(q, dtype).view(q.shape)
+    return nf4_fast.table_dequantize(q, dtype).view(q.shape)
 
 
 dequantize_nf4 = dequantize  # bitsandbytes' name for the NF4 case; the state already says which type
@@ -335,82 +336,14 @@ def _dequantize_8bit(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Te
     return code[indices.long()] * absmax.repeat_interleave(blocksize)[: indices.numel()]
 
 
-# --------------------------------------------------------------------------------- the fast path (CPU)
-
-
-def _fused_codes(blocks: torch.Tensor, bin_base: torch.Tensor, bin_threshold: torch.Tensor, order: torch.Tensor,
-                 bins_half: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full blocks (m, blocksize) -> ((m*blocksize/2,) packed, (m,) absmax); same result as `quantize_blocks`.
-
-    # Note: the binned nearest-code search
-    ``bucketize`` is a binary search per value. Instead, ``bin = int(s * H + H)`` (monotone in ``s``) splits
-    [-1, 1] into bins so narrow that each holds at most one threshold. Every threshold in a lower bin is
-    below ``s``, so the index is ``bin_base[bin]`` (their count) plus one compare with the bin's own
-    threshold. Ties still go down: ``s == threshold`` fails ``s > threshold``.
-    """
-    x = blocks.float()
-    absmax = x.abs().amax(dim=1)
-    scaled = (x * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    bin_index = (scaled * bins_half + bins_half).long()
-    sorted_index = bin_base[bin_index] + (scaled > bin_threshold[bin_index]).long()
-    pairs = order[sorted_index].to(torch.uint8).reshape(-1, 2)
-    return (pairs[:, 0] << 4) | pairs[:, 1], absmax
-
-
-def _fused_dequantize(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype,
-                      shifts: torch.Tensor) -> torch.Tensor:
-    """(m, blocksize/2) packed bytes of full blocks, (m,) float32 absmax -> (m, blocksize) in ``dtype`` (fp32 products).
-
-    Written for the compiler: every output element reads its byte, shifts out its nibble and picks its code
-    value with `_select_code`, with no table lookup, so the generated loop vectorizes (a lookup, even of the
-    double-quantized scales, makes it a scalar loop: two to three times slower). ``shifts`` is (blocksize,)
-    int32 ``4, 0, 4, 0, ...`` (high nibble first); as an input rather than a constant it keeps the loop vectorized.
-    """
-    index = (packed.int().repeat_interleave(2, dim=1) >> shifts) & 0x0F  # (m, blocksize) codes
-    return (_select_code(index, code) * absmax[:, None]).to(dtype)
-
-
-def _select_code(index: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """``code[index]`` as a tree of 15 ``where``s on the index's 4 bits (a compiled gather does not vectorize)."""
-    level = [code[k] for k in range(16)]
-    for bit in (1, 2, 4, 8):  # each round halves the candidates: pairs that differ in this bit
-        chosen = (index & bit) != 0
-        level = [torch.where(chosen, level[i + 1], level[i]) for i in range(0, len(level), 2)]
-    return level[0]
-
-
-@lru_cache(maxsize=None)
-def _compiled(name: str):
-    function = {"codes": _fused_codes, "dequantize": _fused_dequantize}[name]
-    try:
-        return torch.compile(function)  # the block count becomes dynamic after a second shape; blocksize stays fixed
-    except Exception:  # no compiler available: the same function, eagerly
-        return function
-
-
-def _bin_tables(code: torch.Tensor, bins_half: float = 1024.0):
-    order = torch.argsort(code)
-    sorted_code = code[order]
-    thresholds = (sorted_code[:-1] + sorted_code[1:]) / 2
-    threshold_bins = (thresholds * bins_half + bins_half).long()
-    inside = threshold_bins[threshold_bins >= 0]
-    assert inside.unique().numel() == inside.numel(), "bins must hold one threshold at most"
-    n_bins = int(2 * bins_half) + 1
-    bin_base = torch.zeros(n_bins, dtype=torch.long, device=code.device)
-    bin_threshold = torch.full((n_bins,), math.inf, device=code.device)
-    for t, b in zip(thresholds, threshold_bins.tolist()):
-        bin_base[max(b + 1, 0):] += 1  # int4's -15/14 lies below -1: every scaled value is above it
-        if b < 0:
-            continue
-        bin_threshold[b] = t
-    return bin_base, bin_threshold, order, bins_half
+# ------------------------------------------------------------------ the fast paths (see nf4_fast)
 
 
 def _fast_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     full = flat.numel() - flat.numel() % blocksize
     if full == 0:
         return quantize_blocks(flat, code, blocksize)
-    packed, absmax = _compiled("codes")(flat[:full].reshape(-1, blocksize), *_bin_tables(code))
+    packed, absmax = nf4_fast.compiled("codes")(flat[:full].reshape(-1, blocksize), *nf4_fast.bin_tables(code))
     if full == flat.numel():
         return packed, absmax
     tail_packed, tail_absmax = quantize_blocks(flat[full:], code, blocksize)
@@ -423,63 +356,15 @@ def _fast_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     full = n - n % blocksize
     if full == 0:
         return dequantize_blocks(q.packed, q.block_absmax(), q.code, blocksize, n).to(dtype)
-    m, absmax = full // blocksize, _block_scales(q)
+    m, absmax = full // blocksize, nf4_fast.block_scales(q)
     blocks = q.packed[: full // 2].reshape(m, blocksize // 2)
     shifts = torch.tensor([4, 0], dtype=torch.int32, device=blocks.device).repeat(blocksize // 2)
-    head = _compiled("dequantize")(blocks, q.code, absmax[:m], dtype, shifts).reshape(-1)
+    head = nf4_fast.compiled("dequantize")(blocks, q.code, absmax[:m], dtype, shifts).reshape(-1)
     if full == n:
         return head
     tail = dequantize_blocks(q.packed[full // 2:], absmax[m:], q.code, blocksize, n - full)
     return torch.cat([head, tail.to(dtype)])
 
-
-_BYTE_CODES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0x0F], dim=1).reshape(-1)  # (512,)
-
-
-@lru_cache(maxsize=None)
-def _byte_codes_on(device: torch.device) -> torch.Tensor:
-    return _BYTE_CODES.to(device)
-
-
-def _byte_table(code: torch.Tensor) -> torch.Tensor:
-    """(512,) float32: for every byte value b, ``code[b >> 4], code[b & 15]`` (the values of its two nibbles)."""
-    return code.index_select(0, _BYTE_CODES if code.is_cpu else _byte_codes_on(code.device))
-
-
-def _block_scales(q: QuantizedWeight) -> torch.Tensor:
-    """`QuantizedWeight.block_absmax` in few operations: one lookup, one multiply, one add (same bits). (n_blocks,)"""
-    if not q.nested:
-        return q.absmax
-    n_blocks, size = q.absmax.numel(), q.nested_blocksize
-    if n_blocks <= size:  # a single nested block, one scale
-        return q.nested_code.index_select(0, q.absmax.int()).mul_(q.nested_absmax).add_(q.offset)
-    codes = _pad(q.absmax.int(), -n_blocks % size)  # whole nested blocks; the padding is cut off below
-    scales = q.nested_code.index_select(0, codes).view(-1, size).mul_(q.nested_absmax.unsqueeze(1))
-    return scales.view(-1)[:n_blocks].add_(q.offset)
-
-
-def _pad(x: torch.Tensor, count: int) -> torch.Tensor:
-    return nn_functional.pad(x, (0, count)) if count else x  # zeros at the end of a 1-d tensor
-
-
-def _table_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The eager fast path, (n,) in ``dtype``: one lookup per *byte* instead of two shifts and two nibble lookups.
-
-    # Note: the byte table
-    A byte holds two codes, so there are only 256 possible value pairs. Viewed as one 8-byte integer each,
-    the pairs of `_byte_table` are fetched with a single ``index_select`` per byte; the result, viewed back as
-    float32, is the unpacked row ``code[i0], code[i1], ...``. Each block is then scaled in place by its absmax:
-    the same float32 products as `dequantize_blocks`, hence the same bits. The weights of a small model are
-    dequantized twice per layer and step, so every operation saved here counts (each costs microseconds).
-    """
-    n_blocks, blocksize, n = q.absmax.numel(), q.blocksize, q.numel
-    index = _pad(q.packed.int(), n_blocks * blocksize // 2 - q.packed.numel())  # a partial last block
-    pairs = _byte_table(q.code).view(torch.int64)  # (256,): each entry two float32 values
-    values = pairs.index_select(0, index).view(torch.float32).view(n_blocks, blocksize)
-    values.mul_(_block_scales(q).unsqueeze(1))
-    if n != n_blocks * blocksize:
-        values = values.view(-1)[:n]
-    return values if dtype == torch.float32 else values.to(dtype)
 
 # --------------------------------------------------------------------------------------------- checks
 

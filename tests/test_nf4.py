@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab import nf4
+from lora_lab import nf4, nf4_fast
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the reference for NF4")
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
@@ -202,7 +202,7 @@ def test_fused_binned_search_equals_the_readable_path():
     for quant_type in ("nf4", "fp4", "int4"):
         code = nf4.codebook(quant_type)
         assert all(torch.equal(a, b) for a, b in zip(nf4.quantize_blocks(w[:-5], code, 64),
-                                                     nf4._fused_codes(w[:-5].reshape(-1, 64), *nf4._bin_tables(code))))
+                                                     nf4_fast.fused_codes(w[:-5].reshape(-1, 64), *nf4_fast.bin_tables(code))))
 
 
 def bits(t):
@@ -216,7 +216,7 @@ def test_fused_dequantize_equals_the_readable_path_bit_for_bit(double_quant):
     q = nf4.quantize_nf4(w, double_quant=double_quant)
     readable = nf4.dequantize_blocks(q.packed, q.block_absmax(), q.code, 64, w.numel())[:300 * 64]
     for dtype in DTYPES:
-        fused = nf4._fused_dequantize(q.packed[: 300 * 32].reshape(300, 32), q.code, q.block_absmax()[:300], dtype,
+        fused = nf4_fast.fused_dequantize(q.packed[: 300 * 32].reshape(300, 32), q.code, q.block_absmax()[:300], dtype,
                                       torch.tensor([4, 0], dtype=torch.int32).repeat(32))
         assert torch.equal(bits(fused.reshape(-1)), bits(readable.to(dtype)))
 
@@ -229,12 +229,12 @@ def test_property_every_dequantize_path_gives_the_same_bits(case, quant_type, dt
     readable = nf4.dequantize(q, dtype, fast=False)
     for fast in (None, True):  # the eager byte table (small weights) and the fused kernel
         assert torch.equal(bits(nf4.dequantize(q, dtype, fast=fast)), bits(readable))
-    assert torch.equal(nf4._block_scales(q), q.block_absmax())
+    assert torch.equal(nf4_fast.block_scales(q), q.block_absmax())
 
 
 def test_byte_table_holds_both_nibbles_of_every_byte():
     code = nf4.nf4_codebook()
-    table = nf4._byte_table(code).view(256, 2)
+    table = nf4_fast.byte_table(code).view(256, 2)
     assert torch.equal(table[0x3C], torch.stack([code[3], code[12]]))
     assert torch.equal(table.reshape(-1), code[nf4.unpack_4bit(torch.arange(256, dtype=torch.uint8), 512)])
 
