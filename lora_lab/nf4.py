@@ -203,7 +203,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     _check_choice("quant_type", quant_type, QUANT_TYPES)
     _check_choice("blocksize", blocksize, BLOCKSIZES)
     code = _cached_code(quant_type).to(w.device, copy=True)  # each weight owns its codebook tensor
-    use_fast = w.numel() >= FAST_MIN_NUMEL if fast is None else fast
+    use_fast = (w.numel() >= FAST_MIN_NUMEL if fast is None else fast) and not w.is_meta  # meta: shapes only
     packed, absmax = (_fast_codes if use_fast else quantize_blocks)(w.reshape(-1), code, blocksize)
     fields = dict(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
     if not double_quant:
@@ -242,7 +242,7 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool 
         raise TypeError(f"dequantize expects a QuantizedWeight (from quantize_nf4), got {type(q).__name__}.")
     dtype = q.dtype if dtype is None else dtype
     _check_choice("dtype", dtype, FLOAT_DTYPES)
-    if fast is False or q.code.dtype != torch.float32:
+    if fast is False or q.code.dtype != torch.float32 or q.packed.is_meta:  # meta (`estimate`): nothing to speed up
         flat = dequantize_blocks(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel)
         return flat.to(dtype).reshape(q.shape)
     if fast or q.numel >= FAST_MIN_NUMEL:
