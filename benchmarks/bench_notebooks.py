@@ -87,12 +87,21 @@ def _memory_explorer():  # 04: a grid measured on the tiny model (random weights
     return memory_explorer(measure_grid(measure, ("full", "lora"), (2, 16), (4, 16), (16, 64)))
 
 
-def _fit_explorer():  # 05: every move is a new setting, so each one runs the (depth-extrapolated) estimator
+def _fit_explorer(grid: bool = True):
+    """05 as the notebook builds it: three methods; with `slider_grid`, the build runs the corner estimates and
+    every r / batch_size / seq_len move is arithmetic. `grid=False` is the previous path (one depth-extrapolated
+    estimate per method for every new setting), measured in the same run for the ratio."""
     from lora_lab.memory import PRESETS, estimate, model_config
-    from lora_lab.widgets.scale import depth_extrapolated, fit_explorer
+    from lora_lab.widgets.scale import cached, depth_extrapolated, fit_explorer, slider_grid
 
-    return fit_explorer(depth_extrapolated(estimate, model_config), list(PRESETS), methods=("full", "lora"),
-                        preset="llama-65b")
+    fast = cached(depth_extrapolated(estimate, model_config))
+    est = cached(slider_grid(fast, model_config)) if grid else fast
+    return fit_explorer(est, list(PRESETS), optimizers=("adamw", "sgd"), preset="llama-65b")
+
+
+def _fit_new_settings(box):
+    return ([(box.controls["seq_len"], v) for v in (1024, 2048, 256)] + [(box.controls["r"], v) for v in (16, 64, 4)]
+            + [(box.controls["batch_size"], v) for v in (4, 32, 2)])
 
 
 def _requant_explorer():  # 06: ΔW of growing size on a real-sized weight, real NF4
@@ -145,9 +154,9 @@ WIDGETS: list[WidgetCase] = [
     WidgetCase("04 memory_explorer (r, batch_size, seq_len)", _memory_explorer,
                lambda box: [(box.sliders["r"], 16), (box.sliders["batch_size"], 16), (box.sliders["seq_len"], 64),
                             (box.sliders["r"], 2), (box.sliders["batch_size"], 4), (box.sliders["seq_len"], 16)]),
-    WidgetCase("05 fit_explorer (seq_len, r: new settings)", _fit_explorer,
-               lambda box: [(box.controls["seq_len"], v) for v in (1024, 2048, 256)]
-               + [(box.controls["r"], v) for v in (16, 64, 4)]),
+    WidgetCase("05 fit_explorer (seq_len, r, batch: new settings)", _fit_explorer, _fit_new_settings),
+    WidgetCase("05 fit_explorer, no slider_grid (new settings)", lambda: _fit_explorer(grid=False),
+               _fit_new_settings),
     WidgetCase("05 fit_explorer (cached revisits)", _fit_explorer,
                lambda box: [(box.controls["seq_len"], v) for v in (1024, 512, 1024, 512, 1024, 512)]),
     WidgetCase("06 requant_explorer (training step)", _requant_explorer,

@@ -7,7 +7,9 @@ without calling the estimator again.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 import ipywidgets as widgets
 
@@ -32,6 +34,9 @@ def cached(estimate: Callable[..., object]) -> Callable[..., object]:
         return cache[key]
 
     call.cache = cache
+    for name in ("warm", "corners"):  # slider_grid's extras pass through
+        if hasattr(estimate, name):
+            setattr(call, name, getattr(estimate, name))
     return call
 
 
@@ -71,6 +76,9 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
     controls = _controls(presets, optimizers)
     if preset is not None:
         controls["preset"].value = preset
+    if hasattr(est, "warm"):  # precompute the corners of the starting setting: its slider moves are arithmetic
+        kw = _kwargs(controls)
+        est.warm(controls["preset"].value, methods, **{k: kw[k] for k in _COMBO})
 
     def data():
         return estimate_bars_data({m: est(controls["preset"].value, m, **_kwargs(controls)) for m in methods})
@@ -140,4 +148,97 @@ def depth_extrapolated(estimate: Callable[..., object], model_config: Callable[[
                                    trainable_params=grow(e1.trainable_params, e2.trainable_params),
                                    total_params=grow(e1.total_params, e2.total_params))
 
+    return call
+
+
+_SLIDERS = ("r", "batch_size", "seq_len")
+_COMBO = ("target_modules", "gradient_checkpointing", "optimizer")
+
+
+def multilinear(point, axes, corners: dict) -> dict:
+    """Evaluate the multilinear function through `corners` at `point`, in exact rationals.
+
+    Args:
+        point: one value per axis; axes: per axis the anchor values, two (x0, x1) or one (x0,) for an axis the
+            function does not vary along; corners: {one anchor per axis: {name: int}}.
+
+    Returns:
+        {name: Fraction}: f(x) = Σ_corners Π_axes w_axis · f(corner), w = (x − x_other) / (x_corner − x_other).
+    """
+    out = dict.fromkeys(next(iter(corners.values())), Fraction(0))
+    for corner, values in corners.items():
+        w = Fraction(1)
+        for x, c, anchors in zip(point, corner, axes):
+            if len(anchors) == 2:
+                other = anchors[1] if c == anchors[0] else anchors[0]
+                w *= Fraction(x - other, c - other)
+        for name in out:
+            out[name] += w * values[name]
+    return out
+
+
+def slider_grid(estimate: Callable[..., object], model_config: Callable[[str], object], ranks=(8, 64),
+                batch_sizes=(2, 4), seq_lens=(512, 1024)):
+    """A fast `estimate` for the sliders: a few corner estimates, then exact arithmetic for r, batch, seq_len.
+
+    For one model, method, target set, checkpointing choice and optimizer, every byte count the estimator
+    returns is multilinear in (r, batch_size, seq_len): weights, gradients and optimizer state are
+    a + b·r (adapters are r·(in + out) per target), and each saved activation is a tensor whose size is a
+    product such as B·T·C, B·T·r (lora_A's output) or T·D (the RoPE tables; with flash attention there is no
+    T×T matrix). A multilinear function is fixed by its values at the 2×2×2 corners (two anchors per axis):
+    f(x) = Σ_corners Π_axes (x − x_other) / (x_corner − x_other) · f(corner).
+
+    One exception, found by the tests: the loss flattens ``labels[:, 1:]`` (and ``logits[:, :-1]``), a view
+    of the whole storage at batch_size 1 but a copy from 2 on, so batch_size 1 is its own (r, seq_len) slab
+    and the corners of batch_size ≥ 2 sit at `batch_sizes`. ``full`` ignores r, so its corners are 1×2 (or
+    2×2). Anything else (other keyword arguments, a config instead of a preset name, seq_len above the
+    model's positions, a non-integer result) goes to `estimate` itself. tests/test_widgets_scale.py compares
+    the arithmetic with direct estimates byte for byte.
+
+    Args:
+        estimate: `call(preset, method, r=, target_modules=, batch_size=, seq_len=, gradient_checkpointing=,
+            optimizer=)`, e.g. `depth_extrapolated(lora_lab.memory.estimate, model_config)`.
+        model_config: preset name -> LlamaConfig (for its ``max_position_embeddings``).
+        ranks, batch_sizes, seq_lens: the anchors (two distinct values each; batch sizes ≥ 2).
+
+    Returns:
+        `call(preset, method, **kwargs)` with `.corners` (the estimates it ran) and
+        `.warm(preset, methods, **combo)` (run both slabs' corners for every method now).
+    """
+    corners: dict = {}
+
+    def axes(method, batch_size):
+        return ((ranks[0],) if method == "full" else ranks, (1,) if batch_size == 1 else batch_sizes, seq_lens)
+
+    def corner(preset, method, point, combo):
+        key = (preset, method, point, tuple(sorted(combo.items())))
+        if key not in corners:
+            corners[key] = estimate(preset, method, **dict(zip(_SLIDERS, point)), **combo)
+        return corners[key]
+
+    def values(e):
+        return {**e.breakdown.as_dict(), "trainable_params": e.trainable_params, "total_params": e.total_params}
+
+    def call(preset, method, **kwargs):
+        combo = {k: kwargs[k] for k in _COMBO if k in kwargs}
+        fits = (isinstance(preset, str) and set(kwargs) == set(_SLIDERS + _COMBO)
+                and max(kwargs["seq_len"], *seq_lens) <= model_config(preset).max_position_embeddings)
+        if not fits:
+            return estimate(preset, method, **kwargs)
+        ax = axes(method, kwargs["batch_size"])
+        ests = {p: corner(preset, method, p, combo) for p in itertools.product(*ax)}
+        got = multilinear(tuple(kwargs[k] for k in _SLIDERS), ax, {p: values(e) for p, e in ests.items()})
+        if any(v.denominator != 1 or v < 0 for v in got.values()):  # not multilinear after all: ask directly
+            return estimate(preset, method, **kwargs)
+        got = {k: int(v) for k, v in got.items()}
+        params = {k: got.pop(k) for k in ("trainable_params", "total_params")}
+        first = next(iter(ests.values()))
+        return dataclasses.replace(first, breakdown=dataclasses.replace(first.breakdown, **got), **params)
+
+    def warm(preset, methods, **combo):
+        for method, b in itertools.product(methods, (1, batch_sizes[0])):
+            for p in itertools.product(*axes(method, b)):
+                corner(preset, method, p, combo)
+
+    call.corners, call.warm = corners, warm
     return call
