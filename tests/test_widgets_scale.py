@@ -123,6 +123,8 @@ GRID_CASES = [
      [(2, 1, 2048), (128, 8, 128), (1, 2, 512)]),
     ("gpt3-175b", "full", dict(target_modules=("q_proj", "v_proj"), gradient_checkpointing=False, optimizer="adamw"),
      [(16, 1, 256), (8, 32, 2048), (1, 2, 128)]),
+    ("llama-7b", "qlora", dict(target_modules=("q_proj", "v_proj"), gradient_checkpointing=True, optimizer="adamw"),
+     [(1, 1, 2048), (64, 4, 128)]),  # QLoRA = LoRA's arithmetic + a constant, here on the first case's corners
 ]
 
 
@@ -136,8 +138,9 @@ def test_slider_grid_equals_the_estimator_byte_for_byte():
             got, want = grid(preset, method, **kw), _estimate_two_layer(preset, method, **kw)
             assert got.breakdown == want.breakdown, (preset, method, kw)  # integers, no tolerance
             assert (got.trainable_params, got.total_params) == (want.trainable_params, want.total_params)
-    # every answer came from the corners: 2x2 at batch 1 + 2x2x2 above (full: r is not an axis, so half)
-    assert len(grid.corners) == 12 + 12 + 6
+    # every answer came from the corners: 2x2 at batch 1 + 2x2x2 above (full: r is not an axis, so half);
+    # QLoRA runs LoRA's corners and one QLoRA corner per slab
+    assert len(grid.corners) == 12 + (12 + 2) + 6 + 2
 
 
 def test_slider_grid_leaves_other_calls_to_the_estimator():

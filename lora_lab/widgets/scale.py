@@ -191,7 +191,17 @@ def slider_grid(estimate: Callable[..., object], model_config: Callable[[str], o
     One exception, found by the tests: the loss flattens ``labels[:, 1:]`` (and ``logits[:, :-1]``), a view
     of the whole storage at batch_size 1 but a copy from 2 on, so batch_size 1 is its own (r, seq_len) slab
     and the corners of batch_size ≥ 2 sit at `batch_sizes`. ``full`` ignores r, so its corners are 1×2 (or
-    2×2). Anything else (other keyword arguments, a config instead of a preset name, seq_len above the
+    2×2).
+
+    # Note: QLoRA is LoRA plus a constant
+    QLoRA trains the same adapters (same trainable weights, gradients, optimizer state) and saves the same
+    activations: its dequantize-matmul keeps the quantized state, not a tensor, and the frozen 16-bit weight
+    LoRA's linear saves is a parameter, which costs nothing extra. Only the frozen weights differ (NF4 codes
+    and absmax against 16 bit), and they do not move with the sliders. So qlora(x) = lora(x) + qlora(c) −
+    lora(c) for one corner c of each slab: two QLoRA runs instead of twelve (QLoRA's runs are the slowest,
+    they quantize every weight). The tests check this byte for byte too.
+
+    Anything else (other keyword arguments, a config instead of a preset name, seq_len above the
     model's positions, a non-integer result) goes to `estimate` itself. tests/test_widgets_scale.py compares
     the arithmetic with direct estimates byte for byte.
 
@@ -219,26 +229,35 @@ def slider_grid(estimate: Callable[..., object], model_config: Callable[[str], o
     def values(e):
         return {**e.breakdown.as_dict(), "trainable_params": e.trainable_params, "total_params": e.total_params}
 
+    def interpolate(preset, method, x, combo):
+        ax = axes(method, x[1])
+        ests = {p: corner(preset, method, p, combo) for p in itertools.product(*ax)}
+        return multilinear(x, ax, {p: values(e) for p, e in ests.items()}), next(iter(ests.values()))
+
     def call(preset, method, **kwargs):
         combo = {k: kwargs[k] for k in _COMBO if k in kwargs}
         fits = (isinstance(preset, str) and set(kwargs) == set(_SLIDERS + _COMBO)
                 and max(kwargs["seq_len"], *seq_lens) <= model_config(preset).max_position_embeddings)
         if not fits:
             return estimate(preset, method, **kwargs)
-        ax = axes(method, kwargs["batch_size"])
-        ests = {p: corner(preset, method, p, combo) for p in itertools.product(*ax)}
-        got = multilinear(tuple(kwargs[k] for k in _SLIDERS), ax, {p: values(e) for p, e in ests.items()})
+        x = tuple(kwargs[k] for k in _SLIDERS)
+        if method == "qlora":  # Note: QLoRA is LoRA plus a constant (docstring); one corner gives the constant
+            got, _ = interpolate(preset, "lora", x, combo)
+            c0 = next(itertools.product(*axes(method, x[1])))
+            first = corner(preset, method, c0, combo)
+            q0, l0 = values(first), values(corner(preset, "lora", c0, combo))
+            got = {k: v + q0[k] - l0[k] for k, v in got.items()}
+        else:
+            got, first = interpolate(preset, method, x, combo)
         if any(v.denominator != 1 or v < 0 for v in got.values()):  # not multilinear after all: ask directly
             return estimate(preset, method, **kwargs)
         got = {k: int(v) for k, v in got.items()}
         params = {k: got.pop(k) for k in ("trainable_params", "total_params")}
-        first = next(iter(ests.values()))
         return dataclasses.replace(first, breakdown=dataclasses.replace(first.breakdown, **got), **params)
 
     def warm(preset, methods, **combo):
-        for method, b in itertools.product(methods, (1, batch_sizes[0])):
-            for p in itertools.product(*axes(method, b)):
-                corner(preset, method, p, combo)
+        for method, b in itertools.product(methods, (1, batch_sizes[0])):  # one point of each slab runs its corners
+            call(preset, method, r=ranks[0], batch_size=b, seq_len=seq_lens[0], **combo)
 
     call.corners, call.warm = corners, warm
     return call
