@@ -95,7 +95,7 @@ def _fit_explorer(grid: bool = True):
     from lora_lab.widgets.scale import cached, depth_extrapolated, fit_explorer, slider_grid
 
     fast = cached(depth_extrapolated(estimate, model_config))
-    est = cached(slider_grid(fast, model_config)) if grid else fast
+    est = slider_grid(fast, model_config) if grid else fast
     return fit_explorer(est, list(PRESETS), optimizers=("adamw", "sgd"), preset="llama-65b")
 
 

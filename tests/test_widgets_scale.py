@@ -177,7 +177,7 @@ def test_fit_explorer_moves_sliders_without_new_estimates():
                                                         activations=act), 500 * r, 10**9)
 
     grid = slider_grid(multilinear_fake, lambda preset: SimpleNamespace(max_position_embeddings=2048))
-    box = fit_explorer(cached(grid), ["small"])
+    box = fit_explorer(grid, ["small"])
     built = len(calls)
     for name, value in (("r", 64), ("batch_size", 32), ("seq_len", 2048), ("batch_size", 1), ("r", 1)):
         box.controls[name].value = value

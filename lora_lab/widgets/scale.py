@@ -34,9 +34,6 @@ def cached(estimate: Callable[..., object]) -> Callable[..., object]:
         return cache[key]
 
     call.cache = cache
-    for name in ("warm", "corners"):  # slider_grid's extras pass through
-        if hasattr(estimate, name):
-            setattr(call, name, getattr(estimate, name))
     return call
 
 
@@ -76,9 +73,9 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
     controls = _controls(presets, optimizers)
     if preset is not None:
         controls["preset"].value = preset
-    if hasattr(est, "warm"):  # precompute the corners of the starting setting: its slider moves are arithmetic
+    if hasattr(estimate, "warm"):  # a `slider_grid`: run the starting setting's corners, so moves are arithmetic
         kw = _kwargs(controls)
-        est.warm(controls["preset"].value, methods, **{k: kw[k] for k in _COMBO})
+        estimate.warm(controls["preset"].value, methods, **{k: kw[k] for k in _COMBO})
 
     def data():
         return estimate_bars_data({m: est(controls["preset"].value, m, **_kwargs(controls)) for m in methods})
