@@ -43,6 +43,8 @@ class History:
     Attributes:
         train_loss: training loss of steps 1, 2, ... (the loss of the batch *before* that step's update).
         eval_steps, eval_loss, eval_accuracy: held-out evaluation at step 0, every ``eval_every`` steps, last.
+        eval_token_accuracy: the same evaluations' per-token accuracy, when the task reports one
+            (`lora_lab.data.Task.evaluate` does; empty otherwise).
         step_seconds: wall time of each step (steps that measure memory are slower: they run hooks).
         memory_steps, memory: a `MemoryBreakdown` at step 1 and at each evaluation step.
         stopped_reason: None if every step ran; otherwise why training ended early.
@@ -54,6 +56,7 @@ class History:
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)
+    eval_token_accuracy: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     memory_steps: list[int] = field(default_factory=list)
     memory: list[MemoryBreakdown] = field(default_factory=list)
@@ -184,6 +187,8 @@ def _evaluator(task, model, history: History, max_examples):
         history.eval_steps.append(step)
         history.eval_loss.append(float(result["loss"]))
         history.eval_accuracy.append(float(result["accuracy"]))
+        if "token_accuracy" in result:
+            history.eval_token_accuracy.append(float(result["token_accuracy"]))
     return evaluate
 
 

@@ -125,10 +125,12 @@ def test_default_lora_learns_the_task_through_finetune(task):
     Defaults: r=8 on q,v, lr 5e-3, batch 32, 200 steps; read from the History, so the trainer's seeding,
     batching and evaluation are what is checked.
     """
-    history = finetune(load_base_model(device="cpu"), task, steps=200, eval_every=200, progress=False,
-                       measure_memory=False, device="cpu")
+    model = load_base_model(device="cpu")
+    history = finetune(model, task, steps=200, eval_every=200, progress=False, measure_memory=False, device="cpu")
     assert history.eval_steps == [0, 200]
     assert history.eval_accuracy[0] < 0.05
+    assert history.eval_token_accuracy == [task.evaluate(load_base_model(device="cpu"))["token_accuracy"],
+                                           task.evaluate(model)["token_accuracy"]]
     assert history.eval_accuracy[-1] > 0.9  # measured 1.00 on 200 held-out words; margin for other CPUs
 
 
