@@ -201,7 +201,9 @@ def lab_server(chromium_path, tmp_path_factory):
     )
     token, port = os.urandom(16).hex(), _free_port()
     server = LabServer(f"http://127.0.0.1:{port}", token, root, base / "server.log")
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser",
+    # `-m jupyterlab`, not `-m jupyter lab`: the latter runs the first `jupyter-lab` on PATH, which may
+    # belong to another environment.
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser",
            "--ServerApp.open_browser=False", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
            f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True",
