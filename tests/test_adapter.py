@@ -110,9 +110,14 @@ def test_trained_biases_round_trip_both_ways(tmp_path, bias):
     plain, x = Biased(), torch.randn(3, 6)
     ours = randomize(apply_lora(copy.deepcopy(plain), LoraConfig(r=2, bias=bias)), ("lora_", "bias"))
     save_adapter(ours, tmp_path / "ours", task_type=None)  # not a causal LM: PEFT's plain PeftModel
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "ours")
+    # is_trainable: PEFT loads adapters frozen otherwise, and randomize (trainable parameters only) would skip them.
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "ours", is_trainable=True)
     assert_same_function(ours(x), theirs(x))
+    loaded = {n: p.detach().clone() for n, p in theirs.named_parameters() if "lora_" in n}
     randomize(theirs, ("lora_", "bias"), seed=1)
+    now = dict(theirs.named_parameters())
+    # Every A and B got new, nonzero values: this direction checks PEFT's own weights, not ours echoed back.
+    assert loaded and all(not torch.equal(now[n], v) and now[n].abs().min() > 0 for n, v in loaded.items())
     theirs.save_pretrained(tmp_path / "theirs")
     back = load_adapter(copy.deepcopy(plain), tmp_path / "theirs")
     assert_same_function(back(x), theirs(x))

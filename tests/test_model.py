@@ -133,6 +133,7 @@ def test_sampling_is_seeded():
     model = load_base_model(device="cpu")
     a = generate(model, "the", max_new_tokens=20, temperature=1.0, seed=3)
     assert a == generate(model, "the", max_new_tokens=20, temperature=1.0, seed=3)
+    assert a != generate(model, "the", max_new_tokens=20, temperature=1.0, seed=4)  # the seed, not a constant, decides
     assert generate(model, ["the", "a"], max_new_tokens=5) == [generate(model, p, max_new_tokens=5)
                                                              for p in ("the", "a")]
 

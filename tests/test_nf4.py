@@ -9,9 +9,6 @@ from hypothesis import strategies as st
 
 from lora_lab import nf4, nf4_fast
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the reference for NF4")
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
-
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -23,9 +20,20 @@ def _eager_bitsandbytes():
         yield
 
 
+def bitsandbytes_functional():
+    """``bitsandbytes.functional``, imported by each test that compares with it.
+
+    bitsandbytes is a hard dependency, so a broken install fails those tests (and `test_bitsandbytes_imports`
+    says why); it does not skip them, and the tests of lora_lab's own math run either way.
+    """
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
+
 def bnb_quantize(w, blocksize, quant_type="nf4", double_quant=True):
-    packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                                 compress_statistics=double_quant)
+    packed, state = bitsandbytes_functional().quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                            compress_statistics=double_quant)
     return packed.reshape(-1), state
 
 
@@ -37,6 +45,9 @@ def bnb_dequantize(packed, state):
     absmax. bitsandbytes' own pure-PyTorch kernel (the flat layout its quantizer and CUDA use) is then the
     reference; where the C++ kernel's assumption holds, both are compared.
     """
+    bnb_functional = bitsandbytes_functional()
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
     absmax = state.absmax
     if state.nested:
         absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
@@ -61,12 +72,21 @@ def assert_matches_bnb(w, blocksize, quant_type="nf4", double_quant=True):
     torch.testing.assert_close(q.dequantize(), bnb_dequantize(packed, state), rtol=0, atol=0)
 
 
+def test_bitsandbytes_imports():
+    try:
+        bitsandbytes_functional()
+    except Exception as err:  # ImportError, or a native library that fails to load
+        pytest.fail(f"bitsandbytes does not import ({type(err).__name__}: {err}). It is a dependency of lora_lab "
+                    "(the reference for NF4 and the second QLoRA backend): reinstall it with "
+                    "pip install 'bitsandbytes>=0.45'.", pytrace=False)
+
+
 # ------------------------------------------------------------------------------------------- codebooks
 
 
 def test_nf4_codebook_is_built_from_normal_quantiles_and_equals_bitsandbytes():
     built = nf4.nf4_codebook()  # ndtri of float32 probabilities; nothing pasted
-    assert torch.equal(built, bnb_functional.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(built, bitsandbytes_functional().get_4bit_type("nf4", device="cpu"))
 
 
 def test_nf4_codebook_has_7_negative_values_a_zero_and_8_positive():
@@ -85,7 +105,7 @@ def test_nf4_offset_moves_the_inner_values():
 
 
 def test_fp4_codebook_equals_bitsandbytes():
-    assert torch.equal(nf4.fp4_codebook(), bnb_functional.get_4bit_type("fp4", device="cpu"))
+    assert torch.equal(nf4.fp4_codebook(), bitsandbytes_functional().get_4bit_type("fp4", device="cpu"))
 
 
 def test_int4_codebook_is_symmetric_k_over_7():
@@ -95,7 +115,7 @@ def test_int4_codebook_is_symmetric_k_over_7():
 
 
 def test_dynamic_map_equals_bitsandbytes_create_dynamic_map():
-    assert torch.equal(nf4.dynamic_map(), bnb_functional.create_dynamic_map())
+    assert torch.equal(nf4.dynamic_map(), bitsandbytes_functional().create_dynamic_map())
 
 
 # ----------------------------------------------------------------------------------- rounding, packing

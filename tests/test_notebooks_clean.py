@@ -12,8 +12,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_clean_notebooks_check_passes():
-    if not NOTEBOOKS:
-        pytest.skip("no notebooks in notebooks/ yet")
+    assert NOTEBOOKS, f"no .ipynb in {ROOT / 'notebooks'}: these checks would check nothing"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "clean_notebooks.py"), "--check", *map(str, NOTEBOOKS)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"run scripts/clean_notebooks.py on: {proc.stdout}"

@@ -36,10 +36,12 @@ def test_lowrank_error_runs_from_one_to_zero_and_never_rises():
     assert np.all(np.diff(err) <= 0)
 
 
-def test_energy_rank_of_a_rank_two_matrix_is_at_most_two():
+def test_energy_rank_of_a_rank_two_matrix_is_two():
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(30, 2, generator=gen) @ torch.randn(2, 20, generator=gen)
-    assert plots.energy_rank(plots.singular_values(w), 0.999) <= 2
+    s = plots.singular_values(w)
+    assert s[1] ** 2 > 0.01 * (s ** 2).sum()  # both directions carry energy, so 99.9% needs both
+    assert plots.energy_rank(s, 0.999) == 2  # and the rest is float rounding (~1e-7), so 2 suffice
 
 
 def test_rank_panel_counts_lora_parameters_as_r_times_in_plus_out():
