@@ -113,7 +113,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     if not (path / CONFIG_NAME).is_file():
         raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}; an adapter needs both files.")
     try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
+        raw = json.loads((path / CONFIG_NAME).read_text(), parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{CONFIG_NAME} is not valid JSON ({err}); the file is damaged.") from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
@@ -125,7 +125,10 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     if raw.get("target_modules") is None:
         raise ValueError(f"{CONFIG_NAME} has no target_modules; lora_lab needs the module names written out.")
     fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias")
-    return LoraConfig(**{k: raw[k] for k in fields if k in raw})
+    try:
+        return LoraConfig(**{k: raw[k] for k in fields if k in raw})
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{CONFIG_NAME}: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -197,6 +200,12 @@ def _expected_shapes(model: nn.Module, names: list[str], config: LoraConfig, wra
         if (config.bias == "all" and is_bias) or (config.bias == "lora_only" and key.endswith(".base_layer.bias")):
             shapes[PREFIX + key] = tuple(param.shape)
     return shapes
+
+
+def _refuse_constant(name: str):
+    """``json.loads`` hook for the non-standard literals NaN, Infinity and -Infinity."""
+    raise ValueError(f"{CONFIG_NAME} holds {name}, which is not a number JSON allows; the file is damaged. "
+                     "Save the adapter again.")
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

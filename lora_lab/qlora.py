@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .lora import LoraConfig, LoRALinear, lora_targets, mark_trainable, output_head_names, set_submodule
-from .nf4 import QuantizedWeight, quantize
+from .nf4 import FLOAT_DTYPES, QuantizedWeight, quantize
 
 BACKENDS = ("torch", "bitsandbytes")
 _STATE_TENSORS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
@@ -60,6 +60,7 @@ class NF4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, quant_state: QuantizedWeight,
                  compute_dtype: torch.dtype | None = None, backend: str = "torch"):
         super().__init__()
+        _check_compute_dtype(compute_dtype)
         if not isinstance(quant_state, QuantizedWeight) or tuple(quant_state.shape) != (out_features, in_features):
             raise ValueError(f"quant_state must be a QuantizedWeight of shape ({out_features}, {in_features}).")
         if backend not in BACKENDS or (backend == "bitsandbytes" and quant_state.quant_type == "int4"):
@@ -82,6 +83,7 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
                     compute_dtype: torch.dtype | None = None, backend: str = "torch") -> NF4Linear:
         """Quantize an ``nn.Linear``'s weight; the result no longer refers to the original weight."""
+        _check_compute_dtype(compute_dtype)
         with torch.no_grad():
             q = quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
         return cls(linear.in_features, linear.out_features, linear.bias, q, compute_dtype, backend)
@@ -268,6 +270,12 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
 def _layer_settings(model: nn.Module) -> dict:
     return {n: [m.blocksize, m.quant_type, str(m.weight_dtype), m.in_features, m.out_features]
             for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype) or compute_dtype not in FLOAT_DTYPES):
+        raise TypeError(f"compute_dtype must be None or one of {FLOAT_DTYPES} (a torch.dtype such as "
+                        f"torch.bfloat16, not a string), got {compute_dtype!r}.")
 
 
 def _to_linear(layer: NF4Linear, weight: torch.Tensor) -> nn.Linear:

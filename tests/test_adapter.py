@@ -201,6 +201,8 @@ def corrupt(path, tmp_path, how):
         config["peft_type"] = "IA3"
     elif how == "wrong_r":
         config["r"] = 2
+    elif how == "rslora_string":
+        config["use_rslora"] = "false"
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config))
     if how == "truncated":
@@ -209,6 +211,8 @@ def corrupt(path, tmp_path, how):
         (out / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     elif how == "bad_json":
         (out / "adapter_config.json").write_text("{ not json")
+    elif how == "nan_alpha":
+        (out / "adapter_config.json").write_text(json.dumps(config).replace('"lora_alpha": 8', '"lora_alpha": NaN'))
     elif how == "no_config":
         (out / "adapter_config.json").unlink()
     elif how == "pickle_only":
@@ -220,7 +224,7 @@ def corrupt(path, tmp_path, how):
     ("bad_shape", "shape"), ("int_dtype", "floating point"), ("nan", "NaN"), ("unknown_module", "layers.9"),
     ("missing_tensor", "missing"), ("dora", "use_dora"), ("other_peft_type", "LORA"), ("wrong_r", "shape"),
     ("truncated", "damaged or truncated"), ("garbage", "damaged or truncated"), ("bad_json", "JSON"),
-    ("no_config", "adapter_config.json"), ("pickle_only", "pickle"),
+    ("no_config", "adapter_config.json"), ("pickle_only", "pickle"), ("nan_alpha", "NaN"),
 ])
 @pytest.mark.parametrize("target", ["plain", "wrapped"])
 def test_failed_load_leaves_the_model_exactly_as_it_was(base, saved, tmp_path, how, match, target):
@@ -230,6 +234,14 @@ def test_failed_load_leaves_the_model_exactly_as_it_was(base, saved, tmp_path, h
     before = snapshot(model)
     with pytest.raises(ValueError, match=match if target == "plain" or how != "wrong_r" else "r=4"):
         load_adapter(model, corrupt(saved[0], tmp_path, how))
+    assert_unchanged(model, before)
+
+
+def test_a_use_rslora_string_in_the_config_is_refused(base, saved, tmp_path):
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="use_rslora"):
+        load_adapter(model, corrupt(saved[0], tmp_path, "rslora_string"))
     assert_unchanged(model, before)
 
 

@@ -85,6 +85,16 @@ def test_bad_config_says_what_to_fix():
         LlamaConfig(hidden_size=30, num_attention_heads=4)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", 0), ("hidden_size", -8), ("intermediate_size", 0), ("num_hidden_layers", -1),
+    ("num_attention_heads", 0), ("num_key_value_heads", 0), ("max_position_embeddings", 0), ("hidden_size", 128.0),
+    ("rms_norm_eps", 0.0), ("rms_norm_eps", float("nan")), ("rope_theta", -1.0), ("rope_theta", float("inf")),
+])
+def test_config_sizes_must_be_positive(field, value):
+    with pytest.raises(ValueError, match=field):
+        LlamaConfig(**{field: value})
+
+
 def test_checkpoint_mismatch_names_the_tensor_and_changes_nothing():
     model, other = small_model(), small_model(intermediate_size=48)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from model_state import assert_unchanged, snapshot
+
 from lora_lab import nf4
 from lora_lab.lora import LoraConfig, LoRALinear, count_parameters
 from lora_lab.qlora import (NF4Linear, QLoRALinear, apply_qlora, load_quantized, merge_and_unload,
@@ -110,6 +112,20 @@ def test_apply_qlora_checks_before_changing_anything():
     assert type(model.q_proj) is nn.Linear and type(model.up_proj) is nn.Linear
     with pytest.raises(ValueError, match="matched no module"):
         apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("k_proj",)))
+
+
+@pytest.mark.parametrize("compute_dtype", ["bf16", torch.int8, torch.float64])
+def test_a_bad_compute_dtype_is_refused_at_construction(compute_dtype):
+    with pytest.raises(TypeError, match="compute_dtype"):
+        QLoRALinear(nn.Linear(64, 64), r=4, compute_dtype=compute_dtype)
+
+
+def test_apply_qlora_refuses_a_bad_compute_dtype_before_changing_anything():
+    model = Tiny()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj",)), compute_dtype="bf16")
+    assert_unchanged(model, before)
 
 
 def test_merge_and_unload_returns_dense_layers_with_the_update():
