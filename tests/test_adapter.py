@@ -264,3 +264,38 @@ def test_load_onto_a_model_with_another_bias_mode_is_refused(base, saved):
 def test_load_from_a_missing_directory(base, tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
+
+
+def test_load_onto_a_model_wrapped_on_other_layers_is_refused(base, saved):
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                                       target_modules=["q_proj", "k_proj", "v_proj"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="target_modules"):
+        load_adapter(model, saved[0])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("how, match", [("bad_shape", "shape"), ("int_dtype", "floating point"),
+                                        ("unknown_module", "layers.9"), ("truncated", "truncated")])
+def test_names_shapes_and_dtypes_are_checked_from_the_header_before_any_data_is_read(
+        base, saved, tmp_path, monkeypatch, how, match):
+    bad = corrupt(saved[0], tmp_path, how)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the tensor data was read before the header was checked")
+
+    monkeypatch.setattr("safetensors.torch.load_file", no_data)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(copy.deepcopy(base), bad)
+
+
+def test_running_out_of_memory_is_not_reported_as_a_damaged_file(base, saved, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("safetensors.torch.load_file", out_of_memory)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(MemoryError):
+        load_adapter(model, saved[0])
+    assert_unchanged(model, before)
