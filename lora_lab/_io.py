@@ -17,6 +17,10 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
 
+DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+
 
 def read_json(file: Path, fix: str) -> dict:
     """The JSON object in ``file``; NaN/Infinity literals, bad JSON or a non-object raise ValueError."""
