@@ -21,6 +21,8 @@ DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                torch.bool: "BOOL"}
 
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")  # the floating-point dtypes, as a safetensors header names them
+
 
 def read_json(file: Path, fix: str) -> dict:
     """The JSON object in ``file``; NaN/Infinity literals, bad JSON or a non-object raise ValueError."""

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from ._io import check_finite, read_header, read_json, read_safetensors
+from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safetensors
 from .lora import (ALL_LINEAR, LoraConfig, LoRALinear, _is_linear_like, _target_matches, apply_lora, lora_layers,
                    lora_targets, output_head_names)
 
@@ -25,7 +25,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 FIX = "Save the adapter again."
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the floating-point dtypes torch loads
 # PEFT options this module does not implement: loading a file that turns one on would silently differ.
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,

@@ -1,5 +1,6 @@
 """The tiny Llama: shapes, causality, GQA, checkpoint errors, meta device, the shipped weights."""
 
+import json
 import warnings
 
 import pytest
@@ -157,3 +158,39 @@ def test_cuda_request_without_cuda_warns_or_raises():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert next(load_base_model().parameters()).device.type == "cpu"
+
+
+def damaged_base(tmp_path, how):
+    """A copy of the shipped weights (base.safetensors + base_config.json) damaged in one way."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_lab.model import WEIGHTS_DIR
+
+    config = json.loads((WEIGHTS_DIR / "base_config.json").read_text())
+    tensors = load_file(WEIGHTS_DIR / "base.safetensors")
+    key = "model.norm.weight"
+    if how == "nan_weight":
+        tensors[key][0] = float("nan")
+    elif how == "int_weight":
+        tensors[key] = tensors[key].to(torch.int64)
+    elif how == "unknown_field":
+        config["hidden_sise"] = 128
+    save_file(tensors, tmp_path / "base.safetensors")
+    (tmp_path / "base_config.json").write_text(json.dumps(config))
+    if how == "truncated":
+        blob = (tmp_path / "base.safetensors").read_bytes()
+        (tmp_path / "base.safetensors").write_bytes(blob[: len(blob) // 2])
+    elif how == "bad_json":
+        (tmp_path / "base_config.json").write_text('{"vocab_size": 34,')
+    elif how == "no_weights":
+        (tmp_path / "base.safetensors").unlink()
+    return tmp_path
+
+
+@pytest.mark.parametrize("how, match", [
+    ("nan_weight", "NaN"), ("int_weight", "floating point"), ("unknown_field", "hidden_sise"),
+    ("truncated", "truncated"), ("bad_json", "JSON"), ("no_weights", "base.safetensors"),
+])
+def test_load_base_model_refuses_damaged_files_with_a_clear_error(tmp_path, how, match):
+    with pytest.raises(ValueError, match=match):
+        load_base_model(device="cpu", directory=damaged_base(tmp_path, how))
