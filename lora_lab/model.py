@@ -307,12 +307,20 @@ def resolve_device(device=None, strict: bool = False) -> torch.device:
     warning, or raises ValueError when strict=True."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{device!r} is not a device ({err}); pass 'cpu', 'cuda' or None.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         if strict:
             raise ValueError("CUDA was requested but is not available; pass device='cpu' or device=None.")
         warnings.warn("CUDA was requested but is not available; using the CPU instead.", stacklevel=3)
         return torch.device("cpu")
+    try:
+        torch.empty(0, device=device)  # allocates nothing; fails for a device this machine lacks
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"device {str(device)!r} is not available on this machine; pass device='cpu' or "
+                         "None.") from None
     return device
 
 

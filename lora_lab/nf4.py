@@ -403,8 +403,9 @@ def _check_state(q: QuantizedWeight) -> None:
     floats = {"code": q.code, "offset": q.offset, "nested_code": q.nested_code}
     for name, t in floats.items():
         if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
-            raise ValueError(f"{name} must be a floating-point tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}; the state is damaged. Quantize the weight again.")
+            got = getattr(t, "dtype", type(t).__name__)
+            raise ValueError(f"{name} must be a floating-point tensor, got {got}; the state is damaged. Quantize "
+                             "the weight again.")
     n = math.prod(q.shape)
     n_blocks = -(-n // q.blocksize)
     if n == 0 or q.packed.dtype != torch.uint8 or q.packed.shape != (-(-n // 2),):
@@ -430,8 +431,8 @@ def _check_values(q: QuantizedWeight) -> None:
               "absmax": None if q.nested else q.absmax}
     for name, t in scales.items():
         if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"The quantized state's {name} holds NaN or inf, so every weight of its blocks would too; "
-                             "the state is damaged. Quantize the original weight again.")
+            raise ValueError(f"The quantized state's {name} holds NaN or inf, so every weight of its blocks "
+                             "would too; the state is damaged. Quantize the original weight again.")
     if not q.nested and (q.absmax < 0).any():
         raise ValueError("The quantized state's absmax holds negative scales (an absolute maximum is >= 0); the state "
                          "is damaged. Quantize the original weight again.")
