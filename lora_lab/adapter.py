@@ -13,16 +13,18 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .lora import ALL_LINEAR, LoraConfig, LoRALinear, apply_lora, lora_layers, lora_targets
+from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safetensors
+from .lora import (ALL_LINEAR, LoraConfig, LoRALinear, _is_linear_like, _target_matches, apply_lora, lora_layers,
+                   lora_targets, output_head_names)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+FIX = "Save the adapter again."
 # PEFT options this module does not implement: loading a file that turns one on would silently differ.
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
@@ -66,32 +68,35 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a PEFT LoRA adapter (saved by `save_adapter` or by PEFT) onto ``model``.
 
     A plain model gets LoRA applied with the file's config; a model already wrapped must have the same layers,
-    ``r``, ``lora_alpha`` and ``use_rslora``. Everything (files, config, tensor names, shapes, dtypes) is
-    checked before the model changes, so a failed load leaves it exactly as it was.
+    ``r``, ``lora_alpha``, ``use_rslora`` and target layers. Everything (files, config, tensor names, shapes,
+    dtypes, values) is checked before the model changes, so a failed load leaves it exactly as it was; names,
+    shapes and dtypes are read from the safetensors header before any tensor data.
 
     Returns:
         The same model object, with the adapter's weights in its `LoRALinear` layers.
     """
     config = read_adapter_config(path)
-    tensors = _read_tensors(Path(path) / WEIGHTS_NAME)
+    file = Path(path) / WEIGHTS_NAME
+    header, _ = read_header(file, FIX)
     wrapped = lora_layers(model)
     names = _check_wrapped(model, wrapped, config) if wrapped else lora_targets(model, config)
     shapes = _expected_shapes(model, names, config, wrapped=bool(wrapped))
-    missing = sorted(set(shapes) - set(tensors))
-    unknown = sorted(set(tensors) - set(shapes))
+    missing = sorted(set(shapes) - set(header))
+    unknown = sorted(set(header) - set(shapes))
     if unknown:
         raise ValueError(f"The adapter has tensors for modules this model lacks or the config does not target: "
                          f"{_short(unknown)}. Load it onto the base model it was trained on.")
     if missing:
         raise ValueError(f"The adapter file is missing tensors: {_short(missing)}; it does not match its config.")
-    for key, tensor in tensors.items():
-        if tuple(tensor.shape) != shapes[key]:
-            raise ValueError(f"Tensor {key!r} has shape {tuple(tensor.shape)}, but this model needs {shapes[key]}; "
-                             "the adapter was trained on a model with other layer sizes.")
-        if not tensor.is_floating_point():
-            raise ValueError(f"Tensor {key!r} has dtype {tensor.dtype}; LoRA weights must be floating point.")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"Tensor {key!r} holds NaN or inf; the adapter is damaged (or training diverged).")
+    for key, entry in header.items():
+        if tuple(entry["shape"]) != shapes[key]:
+            raise ValueError(f"Tensor {key!r} has shape {tuple(entry['shape'])}, but this model needs "
+                             f"{shapes[key]}; the adapter was trained on a model with other layer sizes.")
+        if entry["dtype"] not in FLOAT_CODES:
+            raise ValueError(f"Tensor {key!r} has dtype {entry['dtype']}; LoRA weights must be floating point "
+                             f"({', '.join(FLOAT_CODES)}).")
+    tensors, _ = read_safetensors(file, FIX)
+    check_finite(tensors, WEIGHTS_NAME, "Train or save the adapter again.")
     if not wrapped:
         apply_lora(model, config)
     with torch.no_grad():
@@ -112,11 +117,8 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}; is it an adapter directory?")
     if not (path / CONFIG_NAME).is_file():
         raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}; an adapter needs both files.")
-    try:
-        raw = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{CONFIG_NAME} is not valid JSON ({err}); the file is damaged.") from None
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+    raw = read_json(path / CONFIG_NAME, FIX)
+    if raw.get("peft_type") != "LORA":
         raise ValueError(f"{CONFIG_NAME} is not a LoRA adapter config (peft_type must be 'LORA').")
     for key, default in _UNSUPPORTED.items():
         if raw.get(key, default) not in (default, None, {}, []):
@@ -125,7 +127,10 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     if raw.get("target_modules") is None:
         raise ValueError(f"{CONFIG_NAME} has no target_modules; lora_lab needs the module names written out.")
     fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias")
-    return LoraConfig(**{k: raw[k] for k in fields if k in raw})
+    try:
+        return LoraConfig(**{k: raw[k] for k in fields if k in raw})
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{CONFIG_NAME}: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -165,7 +170,7 @@ def _bias_names(model: nn.Module, bias: str) -> list[str]:
 
 
 def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: LoraConfig) -> list[str]:
-    """For a model that already has LoRA: same hyperparameters as the file, and not merged."""
+    """For a model that already has LoRA: same hyperparameters and target layers as the file, and not merged."""
     bias = getattr(getattr(model, "lora_config", None), "bias", "none")
     if bias != config.bias:
         raise ValueError(f"The model was set up with bias={bias!r}, the adapter with bias={config.bias!r}; "
@@ -177,7 +182,23 @@ def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: Lor
             raise ValueError(f"The model's LoRA layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
                              f"use_rslora={layer.use_rslora}; the adapter has r={config.r}, lora_alpha="
                              f"{config.lora_alpha}, use_rslora={config.use_rslora}. Load it onto the plain model.")
+    targets = _targets_before_wrapping(model, wrapped, config.target_modules)
+    if set(targets) != set(wrapped):
+        raise ValueError(f"The adapter's target_modules={config.target_modules!r} select {_short(sorted(targets))}, "
+                         f"but the model's LoRA layers are {_short(sorted(wrapped))}. Load it onto the plain model "
+                         "(unload(model) first), or apply_lora with the adapter's target_modules.")
     return list(wrapped)
+
+
+def _targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], targets) -> list[str]:
+    """The names ``targets`` selects, read on the model as it was before its layers were wrapped."""
+    inside = tuple(f"{name}." for name in wrapped)
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return [n for n in names if _target_matches(targets, n)]
+    linear = [n for n in names if n in wrapped or _is_linear_like(model.get_submodule(n))]
+    heads = output_head_names(model, linear)
+    return [n for n in linear if n not in heads]
 
 
 def _expected_shapes(model: nn.Module, names: list[str], config: LoraConfig, wrapped: bool) -> dict[str, tuple]:
@@ -197,14 +218,6 @@ def _expected_shapes(model: nn.Module, names: list[str], config: LoraConfig, wra
         if (config.bias == "all" and is_bias) or (config.bias == "lora_only" and key.endswith(".base_layer.bias")):
             shapes[PREFIX + key] = tuple(param.shape)
     return shapes
-
-
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_safetensors(file.read_bytes())
-    except Exception as err:  # safetensors raises its own error type for bad headers and truncation
-        raise ValueError(f"{file.name} could not be read as safetensors ({err}); the file is damaged or "
-                         "truncated. Save the adapter again.") from None
 
 
 def _write_atomic(file: Path, data: bytes) -> None:

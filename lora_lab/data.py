@@ -13,7 +13,9 @@ Every example comes from a small splitmix64 generator of our own, so the texts a
 machine, Python and torch version (a test pins their sha256).
 """
 
+import itertools
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +237,19 @@ def _pairs(name: str, rng: Rng, n: int, exclude: set) -> list[tuple[str, str]]:
     return pairs
 
 
+SURELY_ENOUGH_WORDS = 200_000  # every task has more distinct words than this (vowel, the fewest: 270,810)
+
+
+@lru_cache(maxsize=None)
+def distinct_words(name: str) -> int:
+    """How many distinct words task ``name`` can draw: every word of `WORD_LENGTHS` letters whose answer differs.
+
+    Counted by trying each of the 26^3 + 26^4 words (about a second), so it cannot disagree with the task.
+    """
+    fn, lo, hi = TASKS[name], *WORD_LENGTHS
+    return sum(fn(w) != w for k in range(lo, hi + 1) for w in map("".join, itertools.product(LETTERS, repeat=k)))
+
+
 def load_task(name: str = "vowel", seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> Task:
     """A fine-tuning task with disjoint train and held-out eval words.
 
@@ -247,6 +262,12 @@ def load_task(name: str = "vowel", seed: int = 0, n_train: int = 2000, n_eval: i
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}.")
+    for value, arg in ((n_train, "n_train"), (n_eval, "n_eval")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{arg} must be an int >= 0, got {value!r}.")
+    if n_train + n_eval > SURELY_ENOUGH_WORDS and n_train + n_eval > distinct_words(name):
+        raise ValueError(f"n_train + n_eval = {n_train + n_eval} exceeds the {distinct_words(name)} distinct "
+                         f"{WORD_LENGTHS[0]}-{WORD_LENGTHS[1]} letter words the {name!r} task has; ask for fewer.")
     rng, seen = Rng(seed * 7919 + sum(map(ord, name))), set()
     train = _pairs(name, rng, n_train, seen)
     eval_ = _pairs(name, rng, n_eval, seen)

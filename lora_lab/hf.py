@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .model import LlamaConfig, LlamaForCausalLM, load_checkpoint
+from ._io import read_json
+from .model import LlamaConfig, LlamaForCausalLM, load_checkpoint, read_checkpoint, resolve_device
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -72,24 +73,34 @@ def export_hf(model: LlamaForCausalLM, directory) -> Path:
     return directory
 
 
-def import_hf(directory, device=None) -> LlamaForCausalLM:
+def import_hf(directory, device=None, strict: bool = False) -> LlamaForCausalLM:
     """Load a transformers Llama checkpoint (config.json + model.safetensors) as a lora_lab model.
+
+    The config's sizes are checked against the tensors' shapes in the safetensors header before the model is
+    built or any tensor is read.
+
+    Args:
+        device: as in `lora_lab.model.load_base_model`: None picks CUDA when available; "cuda" without CUDA
+            falls back to the CPU with a warning, or raises ValueError when ``strict``.
 
     Raises:
         ValueError: the directory is not a plain Llama (other model_type, biases, rope scaling, a
-            head_dim other than hidden_size / num_attention_heads), or a tensor does not fit.
+            head_dim other than hidden_size / num_attention_heads), a file is damaged, or a tensor does not fit.
     """
-    from safetensors.torch import load_file
-
+    device = resolve_device(device, strict)
     directory = Path(directory)
     if not (directory / CONFIG_NAME).exists() or not (directory / WEIGHTS_NAME).exists():
         raise ValueError(f"{directory} needs {CONFIG_NAME} and a single {WEIGHTS_NAME}; "
                          "save with save_pretrained(..., safe_serialization=True).")
-    hf = json.loads((directory / CONFIG_NAME).read_text())
-    config = _config_from_hf(hf)
+    fix = "Save it again with save_pretrained(..., safe_serialization=True)."
+    config = _config_from_hf(read_json(directory / CONFIG_NAME, fix))
+    state = read_checkpoint(config, directory / WEIGHTS_NAME, fix)
     model = LlamaForCausalLM(config)
-    load_checkpoint(model, load_file(str(directory / WEIGHTS_NAME)))
-    return model.to(device or "cpu").eval()
+    load_checkpoint(model, state)
+    return model.to(device).eval()
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _config_from_hf(hf: dict) -> LlamaConfig:
@@ -104,10 +115,14 @@ def _config_from_hf(hf: dict) -> LlamaConfig:
     if bad:
         raise ValueError(f"this Llama uses {bad[0]}={hf.get(bad[0])!r}, which lora_lab's model does not "
                          "implement; only plain Llama (silu, no biases, default rope) is supported.")
+    missing = [k for k in _REQUIRED if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json has no {missing[0]}; it is not a complete Llama config. Save it again with "
+                         "save_pretrained.")
     kwargs = {f.name: hf[f.name] for f in fields(LlamaConfig) if hf.get(f.name) is not None}
     kwargs.setdefault("num_key_value_heads", hf["num_attention_heads"])
-    if "rope_theta" not in hf and hf.get("rope_parameters"):
-        kwargs["rope_theta"] = hf["rope_parameters"]["rope_theta"]
+    if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
+        kwargs["rope_theta"] = hf["rope_parameters"].get("rope_theta", LlamaConfig.rope_theta)
     config = LlamaConfig(**kwargs)
     if hf.get("head_dim") not in (None, config.head_dim):
         raise ValueError(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads "

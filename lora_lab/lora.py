@@ -46,8 +46,8 @@ class LoraConfig:
     def __post_init__(self):
         _check_rank(self.r)
         _check_dropout(self.lora_dropout)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        _check_alpha(self.lora_alpha)
+        _check_flag(self.use_rslora, "use_rslora")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         targets = self.target_modules
@@ -105,6 +105,9 @@ class LoRALinear(nn.Module):
         _check_base(base)
         _check_rank(r, base.in_features, base.out_features)
         _check_dropout(lora_dropout)
+        if lora_alpha is not None:
+            _check_alpha(lora_alpha)
+        _check_flag(use_rslora, "use_rslora")
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r = r
@@ -246,8 +249,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer (``W0 <- W0 + scaling * B A``); all-or-nothing."""
-    for layer in _checked_layers(model, want_merged=False).values():
+    """Merge every LoRA layer (``W0 <- W0 + scaling * B A``); all-or-nothing.
+
+    Refused before any weight changes when a base weight is shared with another module (tied embeddings)
+    or an update holds NaN/inf.
+    """
+    layers = _checked_layers(model, want_merged=False)
+    _check_mergeable(model, layers)
+    for layer in layers.values():
         layer.merge()
     return model
 
@@ -262,6 +271,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Replace each `LoRALinear` by its base layer with the update merged in; returns a plain model."""
     layers = _checked_layers(model, want_merged=None)
+    _check_mergeable(model, {name: layer for name, layer in layers.items() if not layer.merged})
     for name, layer in layers.items():
         if not layer.merged:
             layer.merge()
@@ -318,6 +328,16 @@ def _check_rank(r, in_features: int | None = None, out_features: int | None = No
     if in_features is not None and r > min(in_features, out_features):
         raise ValueError(f"r={r} is larger than min(in_features, out_features) = min({in_features}, "
                          f"{out_features}){where}; a rank above that adds parameters but no expressiveness.")
+
+
+def _check_alpha(alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ValueError(f"lora_alpha must be a positive, finite number (e.g. 16, or 2 * r), got {alpha!r}.")
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}; a string such as 'false' would count as on.")
 
 
 def _check_dropout(p) -> None:
@@ -430,3 +450,27 @@ def _checked_layers(model: nn.Module, want_merged: bool | None) -> dict[str, LoR
             raise ValueError(f"LoRA layer {name!r} is {state}.")
         _float_weight(layer.base_layer)
     return layers
+
+
+def _check_mergeable(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
+    """Merging writes into each base weight: refuse one shared with another module, or a non-finite result."""
+    def keys(p):  # the same Parameter, or another tensor over the same memory
+        return [("id", id(p))] + ([] if p.is_meta else [("storage", p.untyped_storage().data_ptr())])
+
+    owners: dict[tuple, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        for key in keys(p):
+            owners.setdefault(key, []).append(name)
+    for name, layer in layers.items():
+        weight = _float_weight(layer.base_layer)
+        own = f"{name}.base_layer." if name else "base_layer."
+        others = sorted({n for key in keys(weight) for n in owners.get(key, []) if not n.startswith(own)})
+        if others:
+            raise ValueError(f"LoRA layer {name!r} shares its weight with {others[0]!r} (tied embeddings), so "
+                             "merging would change that module too. Untie it before apply_lora (give it its own "
+                             "nn.Parameter(weight.detach().clone())) or leave it out of target_modules.")
+        with torch.no_grad():
+            finite = torch.isfinite(weight + layer.delta_weight()).all()
+        if not weight.is_meta and not finite:
+            raise ValueError(f"Merging LoRA layer {name!r} would write NaN or inf into its base weight (the "
+                             "adapter holds non-finite values; training diverged?). Load a finite adapter first.")

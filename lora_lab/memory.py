@@ -358,6 +358,9 @@ def estimate(model, method: str, *, r: int = 8, target_modules=("q_proj", "v_pro
     config = model_config(model)
     if method not in ESTIMATE_METHODS:
         raise ValueError(f"method must be one of {ESTIMATE_METHODS}, got {method!r}.")
+    for value, name in ((batch_size, "batch_size"), (seq_len, "seq_len")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings}); pick a shorter seq_len.")

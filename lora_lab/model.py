@@ -49,6 +49,16 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        for name in _SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive, finite number, got {value!r}.")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise TypeError(f"tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -65,6 +75,10 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "max_position_embeddings")
 
 
 class RMSNorm(nn.Module):
@@ -235,25 +249,57 @@ def load_checkpoint(model: LlamaForCausalLM, state_dict: dict) -> None:
     """Copy `state_dict` into `model`, naming the first tensor that does not fit.
 
     Raises:
-        ValueError: a key is missing or unexpected, or a tensor's shape differs. The model is left
-            unchanged in that case (everything is checked before anything is copied).
+        ValueError: a key is missing or unexpected, a tensor's shape differs, an integer tensor stands where a
+            float weight belongs, or a weight holds NaN/inf. The model is left unchanged in that case
+            (everything is checked before anything is copied).
     """
     expected = model.state_dict()
     if model.config.tie_word_embeddings:
         state_dict = {**state_dict}
         state_dict.setdefault("lm_head.weight", state_dict.get("model.embed_tokens.weight"))
+    _check_fits(expected, {k: (tuple(v.shape), v.is_floating_point()) for k, v in state_dict.items() if v is not None})
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"tensor '{name}' holds NaN or inf; the checkpoint is damaged (or training diverged).")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def read_checkpoint(config: LlamaConfig, file, fix: str) -> dict:
+    """The tensors of a safetensors checkpoint for `config`; names, shapes and dtypes are checked from the file's
+    header against the config (built on the meta device) before any tensor is read or any model is built.
+
+    Args:
+        fix: the sentence a damaged-file error ends with (what to do about it).
+    """
+    from ._io import FLOAT_CODES, read_header, read_safetensors
+
+    header, _ = read_header(file, fix)
+    with torch.device("meta"):  # shapes only: a config that declares a huge model costs nothing here
+        expected = LlamaForCausalLM(config).state_dict()
+    given = {k: (tuple(v["shape"]), v["dtype"] in FLOAT_CODES) for k, v in header.items()}
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in given:
+        given.setdefault("lm_head.weight", given["model.embed_tokens.weight"])
+    _check_fits(expected, given)
+    return read_safetensors(file, fix)[0]
+
+
+def _check_fits(expected: dict, given: dict) -> None:
+    """``given`` maps names to (shape, is floating point); raise ValueError at the first that ``expected`` lacks."""
     for name, tensor in expected.items():
-        if name not in state_dict or state_dict[name] is None:
+        if name not in given:
             raise ValueError(f"checkpoint has no tensor '{name}'; was it saved from a different architecture?")
-        if tuple(state_dict[name].shape) != tuple(tensor.shape):
+        shape, is_float = given[name]
+        if shape != tuple(tensor.shape):
             raise ValueError(
-                f"tensor '{name}' has shape {tuple(state_dict[name].shape)} in the checkpoint but "
+                f"tensor '{name}' has shape {shape} in the checkpoint but "
                 f"{tuple(tensor.shape)} in the model; build the model with the checkpoint's config."
             )
-    for name in state_dict:
+        if tensor.is_floating_point() and not is_float:
+            raise ValueError(f"tensor '{name}' is not floating point in the checkpoint; model weights are float32, "
+                             "bfloat16 or float16, so the file is not a model checkpoint.")
+    for name in given:
         if name not in expected:
             raise ValueError(f"checkpoint tensor '{name}' has no place in this model; check the config.")
-    model.load_state_dict(state_dict, strict=True)
 
 
 def resolve_device(device=None, strict: bool = False) -> torch.device:
@@ -261,12 +307,20 @@ def resolve_device(device=None, strict: bool = False) -> torch.device:
     warning, or raises ValueError when strict=True."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{device!r} is not a device ({err}); pass 'cpu', 'cuda' or None.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         if strict:
             raise ValueError("CUDA was requested but is not available; pass device='cpu' or device=None.")
         warnings.warn("CUDA was requested but is not available; using the CPU instead.", stacklevel=3)
         return torch.device("cpu")
+    try:
+        torch.empty(0, device=device)  # allocates nothing; fails for a device this machine lacks
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"device {str(device)!r} is not available on this machine; pass device='cpu' or "
+                         "None.") from None
     return device
 
 
@@ -291,13 +345,23 @@ def load_base_model(device=None, strict: bool = False, directory=WEIGHTS_DIR, na
             with a warning (strict=False) or raises ValueError (strict=True).
         directory, name: where the weights are; the defaults are the shipped ones.
     """
-    from safetensors.torch import load_file
+    from ._io import read_json
 
     device = resolve_device(device, strict)
     directory = Path(directory)
-    config = LlamaConfig(**json.loads((directory / f"{name}_config.json").read_text()))
+    config_file, weights_file = directory / f"{name}_config.json", directory / f"{name}.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ValueError(f"{directory} needs {config_file.name} and {weights_file.name}; pass the directory and name "
+                         "save_base_model wrote.")
+    fix = "Save the model again with save_base_model (or reinstall lora_lab for the shipped weights)."
+    raw = read_json(config_file, fix)
+    try:
+        config = LlamaConfig(**raw)
+    except TypeError as err:
+        raise ValueError(f"{config_file.name} does not describe a LlamaConfig ({err}). {fix}") from None
+    state = read_checkpoint(config, weights_file, fix)
     model = LlamaForCausalLM(config)
-    load_checkpoint(model, load_file(str(directory / f"{name}.safetensors")))
+    load_checkpoint(model, state)
     return model.to(device).eval()
 
 

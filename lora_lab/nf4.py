@@ -230,18 +230,25 @@ def quantize_int4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     return quantize(w, "int4", blocksize, double_quant)
 
 
-def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool | None = None) -> torch.Tensor:
+def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool | None = None,
+               check: bool = True) -> torch.Tensor:
     """``code[index] * absmax`` computed in float32, cast to ``dtype`` (default ``q.dtype``), shape ``q.shape``.
 
     Equals ``bitsandbytes.functional.dequantize_4bit`` for the same bytes and scales. Three paths give the
     same bits: ``fast=False`` the readable one (`dequantize_blocks`); ``fast=True`` the compiled kernel;
     ``fast=None`` the compiled kernel from `FAST_MIN_NUMEL` values on, else the eager byte-table lookup
     (`nf4_fast.table_dequantize`), which needs no compiling.
+
+    ``check`` first verifies that the codebook and scales are finite (and plain absmax values not negative), so
+    a tampered state raises instead of spreading NaN over its blocks. It reads one value per block; the
+    QLoRA forward pass skips it (its layer's state came from `quantize` or a checked file).
     """
     if not isinstance(q, QuantizedWeight):
         raise TypeError(f"dequantize expects a QuantizedWeight (from quantize_nf4), got {type(q).__name__}.")
     dtype = q.dtype if dtype is None else dtype
     _check_choice("dtype", dtype, FLOAT_DTYPES)
+    if check:
+        _check_values(q)
     if fast is False or q.code.dtype != torch.float32 or q.packed.is_meta:  # meta (`estimate`): nothing to speed up
         flat = dequantize_blocks(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel)
         return flat.to(dtype).reshape(q.shape)
@@ -390,6 +397,15 @@ def _check_state(q: QuantizedWeight) -> None:
     _check_choice("quant_type", q.quant_type, QUANT_TYPES)
     _check_choice("blocksize", q.blocksize, BLOCKSIZES)
     _check_choice("dtype", q.dtype, FLOAT_DTYPES)
+    if isinstance(q.nested_blocksize, bool) or not isinstance(q.nested_blocksize, int) or q.nested_blocksize < 1:
+        raise ValueError(f"nested_blocksize must be a positive int ({NESTED_BLOCKSIZE} as bitsandbytes uses), got "
+                         f"{q.nested_blocksize!r}.")
+    floats = {"code": q.code, "offset": q.offset, "nested_code": q.nested_code}
+    for name, t in floats.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+            got = getattr(t, "dtype", type(t).__name__)
+            raise ValueError(f"{name} must be a floating-point tensor, got {got}; the state is damaged. Quantize "
+                             "the weight again.")
     n = math.prod(q.shape)
     n_blocks = -(-n // q.blocksize)
     if n == 0 or q.packed.dtype != torch.uint8 or q.packed.shape != (-(-n // 2),):
@@ -405,3 +421,18 @@ def _check_state(q: QuantizedWeight) -> None:
           or q.nested_absmax.shape != (-(-n_blocks // q.nested_blocksize),) or q.nested_code.shape != (256,)):
         raise ValueError("With double quantization absmax holds uint8 codes, nested_absmax one float32 scale per "
                          f"{q.nested_blocksize} blocks and nested_code the 256-value 8-bit map.")
+
+
+def _check_values(q: QuantizedWeight) -> None:
+    """The codebooks and scales are finite, and plain absmax values are not negative (values, not shapes)."""
+    if q.packed.is_meta:
+        return
+    scales = {"code": q.code, "offset": q.offset, "nested_absmax": q.nested_absmax, "nested_code": q.nested_code,
+              "absmax": None if q.nested else q.absmax}
+    for name, t in scales.items():
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"The quantized state's {name} holds NaN or inf, so every weight of its blocks "
+                             "would too; the state is damaged. Quantize the original weight again.")
+    if not q.nested and (q.absmax < 0).any():
+        raise ValueError("The quantized state's absmax holds negative scales (an absolute maximum is >= 0); the state "
+                         "is damaged. Quantize the original weight again.")

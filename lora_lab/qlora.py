@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .lora import LoraConfig, LoRALinear, lora_targets, mark_trainable, output_head_names, set_submodule
-from .nf4 import QuantizedWeight, quantize
+from .nf4 import FLOAT_DTYPES, QuantizedWeight, dequantize, quantize
 
 BACKENDS = ("torch", "bitsandbytes")
 _STATE_TENSORS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
@@ -35,11 +35,11 @@ class _DequantizeMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q: QuantizedWeight):
         ctx.q = q
-        return x @ q.dequantize(x.dtype).T  # (..., in) @ (in, out)
+        return x @ dequantize(q, x.dtype, check=False).T  # (..., in) @ (in, out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out @ ctx.q.dequantize(grad_out.dtype), None  # (..., out) @ (out, in)
+        return grad_out @ dequantize(ctx.q, grad_out.dtype, check=False), None  # (..., out) @ (out, in)
 
 
 class NF4Linear(nn.Module):
@@ -60,6 +60,7 @@ class NF4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, quant_state: QuantizedWeight,
                  compute_dtype: torch.dtype | None = None, backend: str = "torch"):
         super().__init__()
+        _check_compute_dtype(compute_dtype)
         if not isinstance(quant_state, QuantizedWeight) or tuple(quant_state.shape) != (out_features, in_features):
             raise ValueError(f"quant_state must be a QuantizedWeight of shape ({out_features}, {in_features}).")
         if backend not in BACKENDS or (backend == "bitsandbytes" and quant_state.quant_type == "int4"):
@@ -82,6 +83,7 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
                     compute_dtype: torch.dtype | None = None, backend: str = "torch") -> NF4Linear:
         """Quantize an ``nn.Linear``'s weight; the result no longer refers to the original weight."""
+        _check_compute_dtype(compute_dtype)
         with torch.no_grad():
             q = quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
         return cls(linear.in_features, linear.out_features, linear.bias, q, compute_dtype, backend)
@@ -195,30 +197,39 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False):
 
     With ``requantize=False`` every 4-bit layer becomes an ``nn.Linear`` in its original dtype; returns the
     model. With ``requantize=True`` the merged weights are quantized again (same settings) and
-    ``(model, RequantizationReport)`` is returned.
+    ``(model, RequantizationReport)`` is returned. Every layer is merged (and requantized) before the first one
+    is replaced, so a merge that would hold NaN or inf raises and leaves the model as it was.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
     if not layers:
         raise ValueError("The model has no QLoRA layers; call apply_qlora(model, config) first.")
     errors = ({}, {}, {})
+    new = {}
     with torch.no_grad():
         for name, layer in layers.items():
             base = layer.base_layer
             delta = layer.delta_weight_fp32()
             merged = (base.dequantized_weight(torch.float32) + delta).to(base.weight_dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"Merging QLoRA layer {name!r} gives NaN or inf (its adapter holds non-finite "
+                                 f"values, or the update overflows {base.weight_dtype}); nothing was changed. "
+                                 "Load a finite adapter first.")
             if requantize:
                 q = quantize(merged, base.quant_type, base.blocksize, base.quant_state.nested)
-                replacement = NF4Linear(base.in_features, base.out_features, base.bias, q, base.compute_dtype,
-                                        base.backend)
+                new[name] = NF4Linear(base.in_features, base.out_features, base.bias, q, base.compute_dtype,
+                                      base.backend)
                 error = (q.dequantize(torch.float32) - merged.float()).abs()
                 for table, value in zip(errors, (error.max(), error.mean(), delta.abs().mean())):
                     table[name] = float(value)
             else:
-                replacement = _to_linear(base, merged)
-            set_submodule(model, name, replacement)
+                new[name] = _to_linear(base, merged)
         if not requantize:
-            for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
-                set_submodule(model, name, _to_linear(module, module.dequantized_weight()))
+            inside = tuple(f"{name}." for name in layers)
+            for name, module in model.named_modules():
+                if isinstance(module, NF4Linear) and not name.startswith(inside):
+                    new[name] = _to_linear(module, module.dequantized_weight())
+    for name, module in new.items():
+        set_submodule(model, name, module)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return (model, RequantizationReport(*errors)) if requantize else model
@@ -240,34 +251,69 @@ def quantized_memory_report(model: nn.Module) -> dict[str, int]:
 
 
 def save_quantized(model: nn.Module, path: str) -> None:
-    """Save a (Q)LoRA-quantized model's state_dict with safetensors, plus each 4-bit layer's settings."""
+    """Save a (Q)LoRA-quantized model's state_dict with safetensors, plus each 4-bit layer's settings.
+
+    A tensor the state_dict holds under several names (tied embeddings) is stored once; the metadata says which
+    names share it, and `load_quantized` gives it to each of them.
+    """
     from safetensors.torch import save_file
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"lora_lab.nf4_layers": json.dumps(_layer_settings(model))})
+    state, tied, seen = {}, {}, {}
+    for key, value in model.state_dict().items():
+        where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if where in seen:
+            tied[key] = seen[where]
+        else:
+            seen[where] = key
+            state[key] = value.detach().contiguous()
+    save_file(state, str(path), metadata={"lora_lab.nf4_layers": json.dumps(_layer_settings(model)),
+                                          "lora_lab.tied": json.dumps(tied)})
 
 
 def load_quantized(model: nn.Module, path: str) -> nn.Module:
-    """Load `save_quantized` output into a model of the same structure; checks names, shapes and dtypes first."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        saved = {k: f.get_tensor(k) for k in f.keys()}
-        settings = json.loads((f.metadata() or {}).get("lora_lab.nf4_layers", "{}"))
+    """Load `save_quantized` output into a model of the same structure.
+
+    Names, shapes, dtypes and 4-bit settings are checked from the file's header, then every floating-point
+    tensor is checked to be finite, before the model changes.
+    """
+    from pathlib import Path
+
+    from ._io import DTYPE_CODES, check_finite, read_header, read_safetensors
+
+    file, fix = Path(path), "Save the model again with save_quantized."
+    header, metadata = read_header(file, fix)
+    try:
+        settings = json.loads(metadata.get("lora_lab.nf4_layers", "{}"))
+        tied = json.loads(metadata.get("lora_lab.tied", "{}"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{file.name}'s lora_lab metadata is not valid JSON; the file is damaged. {fix}") from None
+    if not isinstance(tied, dict) or not all(isinstance(v, str) and v in header for v in tied.values()):
+        raise ValueError(f"{file.name}'s lora_lab.tied metadata names tensors the file lacks. {fix}")
+    shapes = {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
+    shapes.update({k: shapes[v] for k, v in tied.items()})
     expected = model.state_dict()
-    problems = sorted(set(saved) ^ set(expected))
-    problems += [f"{k}: saved {tuple(saved[k].shape)} {saved[k].dtype}, model {tuple(v.shape)} {v.dtype}"
-                 for k, v in expected.items() if k in saved and (saved[k].shape != v.shape or saved[k].dtype != v.dtype)]
+    problems = sorted(set(shapes) ^ set(expected))
+    problems += [f"{k}: saved {shapes[k][0]} {shapes[k][1]}, model {tuple(v.shape)} {v.dtype}" for k, v in
+                 expected.items() if k in shapes and shapes[k] != (tuple(v.shape), DTYPE_CODES.get(v.dtype))]
     if settings != _layer_settings(model):
         problems.append("4-bit layer settings (blocksize, quant_type, dtype) differ")
     if problems:
         raise ValueError("The file does not fit this model (apply_qlora with the same config first): "
                          + "; ".join(map(str, problems[:10])))
-    model.load_state_dict(saved)
+    saved, _ = read_safetensors(file, fix)
+    check_finite(saved, file.name, fix)
+    model.load_state_dict({**saved, **{k: saved[v] for k, v in tied.items()}})
     return model
 
 
 def _layer_settings(model: nn.Module) -> dict:
     return {n: [m.blocksize, m.quant_type, str(m.weight_dtype), m.in_features, m.out_features]
             for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype) or compute_dtype not in FLOAT_DTYPES):
+        raise TypeError(f"compute_dtype must be None or one of {FLOAT_DTYPES} (a torch.dtype such as "
+                        f"torch.bfloat16, not a string), got {compute_dtype!r}.")
 
 
 def _to_linear(layer: NF4Linear, weight: torch.Tensor) -> nn.Linear:

@@ -14,4 +14,13 @@ def assert_unchanged(model, before):
     tensors, grads, types = snapshot(model)
     assert types == before[2] and grads == before[1] and tensors.keys() == before[0].keys()
     for key, value in tensors.items():
-        assert torch.equal(value, before[0][key]), key
+        assert same_bits(value, before[0][key]), key
+
+
+def same_bits(a, b):
+    """Same dtype, shape and bytes: a NaN equals itself here, and -0.0 differs from 0.0."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))
+
+
+def _bytes(t):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

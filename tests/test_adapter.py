@@ -206,6 +206,8 @@ def corrupt(path, tmp_path, how):
         config["peft_type"] = "IA3"
     elif how == "wrong_r":
         config["r"] = 2
+    elif how == "rslora_string":
+        config["use_rslora"] = "false"
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config))
     if how == "truncated":
@@ -214,6 +216,8 @@ def corrupt(path, tmp_path, how):
         (out / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     elif how == "bad_json":
         (out / "adapter_config.json").write_text("{ not json")
+    elif how == "nan_alpha":
+        (out / "adapter_config.json").write_text(json.dumps(config).replace('"lora_alpha": 8', '"lora_alpha": NaN'))
     elif how == "no_config":
         (out / "adapter_config.json").unlink()
     elif how == "pickle_only":
@@ -225,7 +229,7 @@ def corrupt(path, tmp_path, how):
     ("bad_shape", "shape"), ("int_dtype", "floating point"), ("nan", "NaN"), ("unknown_module", "layers.9"),
     ("missing_tensor", "missing"), ("dora", "use_dora"), ("other_peft_type", "LORA"), ("wrong_r", "shape"),
     ("truncated", "damaged or truncated"), ("garbage", "damaged or truncated"), ("bad_json", "JSON"),
-    ("no_config", "adapter_config.json"), ("pickle_only", "pickle"),
+    ("no_config", "adapter_config.json"), ("pickle_only", "pickle"), ("nan_alpha", "NaN"),
 ])
 @pytest.mark.parametrize("target", ["plain", "wrapped"])
 def test_failed_load_leaves_the_model_exactly_as_it_was(base, saved, tmp_path, how, match, target):
@@ -235,6 +239,14 @@ def test_failed_load_leaves_the_model_exactly_as_it_was(base, saved, tmp_path, h
     before = snapshot(model)
     with pytest.raises(ValueError, match=match if target == "plain" or how != "wrong_r" else "r=4"):
         load_adapter(model, corrupt(saved[0], tmp_path, how))
+    assert_unchanged(model, before)
+
+
+def test_a_use_rslora_string_in_the_config_is_refused(base, saved, tmp_path):
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="use_rslora"):
+        load_adapter(model, corrupt(saved[0], tmp_path, "rslora_string"))
     assert_unchanged(model, before)
 
 
@@ -257,3 +269,38 @@ def test_load_onto_a_model_with_another_bias_mode_is_refused(base, saved):
 def test_load_from_a_missing_directory(base, tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
+
+
+def test_load_onto_a_model_wrapped_on_other_layers_is_refused(base, saved):
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                                       target_modules=["q_proj", "k_proj", "v_proj"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="target_modules"):
+        load_adapter(model, saved[0])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("how, match", [("bad_shape", "shape"), ("int_dtype", "floating point"),
+                                        ("unknown_module", "layers.9"), ("truncated", "truncated")])
+def test_names_shapes_and_dtypes_are_checked_from_the_header_before_any_data_is_read(
+        base, saved, tmp_path, monkeypatch, how, match):
+    bad = corrupt(saved[0], tmp_path, how)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the tensor data was read before the header was checked")
+
+    monkeypatch.setattr("safetensors.torch.load_file", no_data)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(copy.deepcopy(base), bad)
+
+
+def test_running_out_of_memory_is_not_reported_as_a_damaged_file(base, saved, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("safetensors.torch.load_file", out_of_memory)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(MemoryError):
+        load_adapter(model, saved[0])
+    assert_unchanged(model, before)

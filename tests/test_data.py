@@ -130,3 +130,16 @@ def test_base_model_cannot_do_the_task():
     assert result["token_accuracy"] > 0.5  # it copies: consonants and eos are already right
 
 # That default LoRA learns the task is tested through the trainer: tests/test_train.py.
+
+
+def test_asking_for_more_distinct_words_than_exist_raises_instead_of_looping():
+    from lora_lab.data import distinct_words
+
+    with pytest.raises(ValueError, match="distinct"):
+        load_task("vowel", n_train=distinct_words("vowel"), n_eval=1)
+
+
+@pytest.mark.parametrize("kwargs", [{"n_train": -1}, {"n_eval": -5}, {"n_train": 10.0}])
+def test_split_sizes_must_be_ints_at_least_zero(kwargs):
+    with pytest.raises(ValueError, match="n_train|n_eval"):
+        load_task(**kwargs)

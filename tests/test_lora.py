@@ -225,6 +225,21 @@ def test_layer_rejects_bad_arguments(kwargs, match):
         LoRALinear(nn.Linear(16, 8), **kwargs)
 
 
+@pytest.mark.parametrize("alpha", [0, -1, float("nan"), float("inf"), True, "16"])
+def test_layer_rejects_a_lora_alpha_that_is_not_positive_and_finite(alpha):
+    with pytest.raises(ValueError, match="lora_alpha"):
+        LoRALinear(nn.Linear(16, 8), r=2, lora_alpha=alpha)
+
+
+@pytest.mark.parametrize("make", [lambda flag: LoraConfig(use_rslora=flag),
+                                  lambda flag: LoRALinear(nn.Linear(4, 4), r=2, use_rslora=flag)],
+                         ids=["LoraConfig", "LoRALinear"])
+@pytest.mark.parametrize("flag", ["false", 0, 1, None])
+def test_use_rslora_must_be_a_real_bool(make, flag):
+    with pytest.raises(TypeError, match="True or False"):
+        make(flag)
+
+
 def test_layer_rejects_non_linear_and_double_wrapping():
     with pytest.raises(TypeError, match="Conv1d"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2)
@@ -365,7 +380,8 @@ def test_apply_twice_is_refused():
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("kwargs", [{"r": 0}, {"lora_alpha": 0}, {"bias": "some"}, {"target_modules": []},
+@pytest.mark.parametrize("kwargs", [{"r": 0}, {"lora_alpha": 0}, {"lora_alpha": float("nan")},
+                                    {"lora_alpha": float("inf")}, {"bias": "some"}, {"target_modules": []},
                                     {"target_modules": ""}, {"target_modules": "("}, {"lora_dropout": 1}])
 def test_config_validates_on_construction(kwargs):
     with pytest.raises(ValueError):
@@ -393,6 +409,37 @@ def test_merge_unmerge_and_unload_keep_the_function():
     assert plain is model and not lora_layers(plain) and not hasattr(plain, "lora_config")
     assert {type(m) for m in plain.modules()} == {type(m) for m in TinyLM().modules()}
     close(plain(ids), expected)
+
+
+def tied_lm():
+    """TinyLM whose head shares the embedding matrix, with LoRA (nonzero B) on the head and on q_proj."""
+    model = TinyLM()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model = apply_lora(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    randomize_lora_B(model)
+    return model
+
+
+@pytest.mark.parametrize("merge", [merge_lora, unload])
+def test_merging_a_head_tied_to_the_embeddings_is_refused_before_anything_changes(merge):
+    model = tied_lm()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="model.embed_tokens.weight"):
+        merge(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("merge", [merge_lora, unload])
+def test_merging_a_non_finite_update_is_refused_before_anything_changes(merge, bad):
+    model = apply_lora(TinyLM(), LoraConfig(r=2, target_modules="all-linear"))
+    randomize_lora_B(model)
+    with torch.no_grad():
+        list(lora_layers(model).values())[-1].lora_B.weight[0, 0] = bad  # the last layer: earlier ones come first
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        merge(model)
+    assert_unchanged(model, before)
 
 
 def test_merge_on_a_model_without_lora_is_refused():

@@ -134,3 +134,9 @@ def test_estimate_rejects_unknown_models_and_long_sequences():
         estimate("llama-8b", "lora")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         estimate("llama-7b", "lora", seq_len=4096)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_size": -2}, {"seq_len": 0}, {"batch_size": 1.5}])
+def test_estimate_refuses_an_empty_or_negative_batch(kwargs):
+    with pytest.raises(ValueError, match="batch_size|seq_len"):
+        estimate(LlamaConfig(), "lora", **kwargs)

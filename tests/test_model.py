@@ -1,5 +1,6 @@
 """The tiny Llama: shapes, causality, GQA, checkpoint errors, meta device, the shipped weights."""
 
+import json
 import warnings
 
 import pytest
@@ -85,6 +86,16 @@ def test_bad_config_says_what_to_fix():
         LlamaConfig(hidden_size=30, num_attention_heads=4)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", 0), ("hidden_size", -8), ("intermediate_size", 0), ("num_hidden_layers", -1),
+    ("num_attention_heads", 0), ("num_key_value_heads", 0), ("max_position_embeddings", 0), ("hidden_size", 128.0),
+    ("rms_norm_eps", 0.0), ("rms_norm_eps", float("nan")), ("rope_theta", -1.0), ("rope_theta", float("inf")),
+])
+def test_config_sizes_must_be_positive(field, value):
+    with pytest.raises(ValueError, match=field):
+        LlamaConfig(**{field: value})
+
+
 def test_checkpoint_mismatch_names_the_tensor_and_changes_nothing():
     model, other = small_model(), small_model(intermediate_size=48)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -148,3 +159,39 @@ def test_cuda_request_without_cuda_warns_or_raises():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert next(load_base_model().parameters()).device.type == "cpu"
+
+
+def damaged_base(tmp_path, how):
+    """A copy of the shipped weights (base.safetensors + base_config.json) damaged in one way."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_lab.model import WEIGHTS_DIR
+
+    config = json.loads((WEIGHTS_DIR / "base_config.json").read_text())
+    tensors = load_file(WEIGHTS_DIR / "base.safetensors")
+    key = "model.norm.weight"
+    if how == "nan_weight":
+        tensors[key][0] = float("nan")
+    elif how == "int_weight":
+        tensors[key] = tensors[key].to(torch.int64)
+    elif how == "unknown_field":
+        config["hidden_sise"] = 128
+    save_file(tensors, tmp_path / "base.safetensors")
+    (tmp_path / "base_config.json").write_text(json.dumps(config))
+    if how == "truncated":
+        blob = (tmp_path / "base.safetensors").read_bytes()
+        (tmp_path / "base.safetensors").write_bytes(blob[: len(blob) // 2])
+    elif how == "bad_json":
+        (tmp_path / "base_config.json").write_text('{"vocab_size": 34,')
+    elif how == "no_weights":
+        (tmp_path / "base.safetensors").unlink()
+    return tmp_path
+
+
+@pytest.mark.parametrize("how, match", [
+    ("nan_weight", "NaN"), ("int_weight", "floating point"), ("unknown_field", "hidden_sise"),
+    ("truncated", "truncated"), ("bad_json", "JSON"), ("no_weights", "base.safetensors"),
+])
+def test_load_base_model_refuses_damaged_files_with_a_clear_error(tmp_path, how, match):
+    with pytest.raises(ValueError, match=match):
+        load_base_model(device="cpu", directory=damaged_base(tmp_path, how))

@@ -297,6 +297,32 @@ def test_packed_codes_that_do_not_fit_the_shape_are_refused():
         nf4.QuantizedWeight(**{**q.__dict__, "shape": torch.Size([10, 10]), "blocksize": 32})
 
 
+def tampered(double_quant, **changes):
+    """A state of a random weight with some of its tensors replaced (as a damaged file would give them)."""
+    q = nf4.quantize_nf4(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)), double_quant=double_quant)
+    values = {k: v(q) if callable(v) else v for k, v in changes.items()}
+    return lambda: nf4.dequantize(nf4.QuantizedWeight(**{**q.__dict__, **values}))
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("make, match", [
+    (tampered(False, absmax=lambda q: torch.full_like(q.absmax, NAN)), "absmax holds NaN"),
+    (tampered(False, absmax=lambda q: -q.absmax), "negative"),
+    (tampered(False, code=lambda q: torch.full_like(q.code, float("inf"))), "code holds NaN or inf"),
+    (tampered(False, code=lambda q: q.code.to(torch.int32)), "code must be a floating-point"),
+    (tampered(True, nested_absmax=lambda q: torch.full_like(q.nested_absmax, NAN)), "nested_absmax holds NaN"),
+    (tampered(True, offset=torch.tensor(float("inf"))), "offset holds NaN or inf"),
+    (tampered(True, nested_code=lambda q: torch.full_like(q.nested_code, NAN)), "nested_code holds NaN"),
+    (tampered(True, nested_blocksize=0), "nested_blocksize"),
+], ids=["nan-absmax", "negative-absmax", "inf-code", "int-code", "nan-nested-absmax", "inf-offset",
+        "nan-nested-code", "zero-nested-blocksize"])
+def test_a_tampered_state_is_refused_not_dequantized_to_nan(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 def test_compiled_dequantize_kernel_gives_the_same_bits():
     # The other tests run the fused function eagerly (see the fixture above); this one compiles it once,
     # since a compiler could reorder the float32 multiply and add of the scale decoding.

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from model_state import assert_unchanged, snapshot
+
 from lora_lab import nf4
 from lora_lab.lora import LoraConfig, LoRALinear, count_parameters
 from lora_lab.qlora import (NF4Linear, QLoRALinear, apply_qlora, load_quantized, merge_and_unload,
@@ -125,6 +127,20 @@ def test_apply_qlora_checks_before_changing_anything():
         apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("k_proj",)))
 
 
+@pytest.mark.parametrize("compute_dtype", ["bf16", torch.int8, torch.float64])
+def test_a_bad_compute_dtype_is_refused_at_construction(compute_dtype):
+    with pytest.raises(TypeError, match="compute_dtype"):
+        QLoRALinear(nn.Linear(64, 64), r=4, compute_dtype=compute_dtype)
+
+
+def test_apply_qlora_refuses_a_bad_compute_dtype_before_changing_anything():
+    model = Tiny()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj",)), compute_dtype="bf16")
+    assert_unchanged(model, before)
+
+
 def test_merge_and_unload_returns_dense_layers_with_the_update():
     model = Tiny()
     apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
@@ -166,3 +182,85 @@ def test_memory_report_counts_packed_bytes():
     # up_proj: 128*64 weights at 4 bits + one fp32 absmax per 64 + 16 fp32 code values + 128 fp32 biases.
     assert report["up_proj"] == 128 * 64 // 2 + 128 * 64 // 64 * 4 + 16 * 4 + 128 * 4
     assert report["total"] == sum(v for k, v in report.items() if k != "total")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("requantize", [False, True])
+def test_a_non_finite_adapter_in_a_later_layer_is_refused_before_anything_changes(requantize, bad):
+    model = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    nn.init.normal_(model.q_proj.lora_B.weight, std=0.1)
+    with torch.no_grad():
+        model.v_proj.lora_B.weight[0, 0] = bad  # v_proj comes after q_proj
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        merge_and_unload(model, requantize=requantize)
+    assert_unchanged(model, before)
+    assert hasattr(model, "lora_config")
+
+
+class TiedTiny(nn.Module):
+    """The output head shares the embedding matrix (tied embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.q_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 50, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.lm_head(self.q_proj(h) + self.v_proj(h))
+
+
+def test_a_tied_model_round_trips_and_loads_back_tied(tmp_path):
+    torch.manual_seed(0)
+    model = apply_qlora(TiedTiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    nn.init.normal_(model.q_proj.lora_B.weight)
+    save_quantized(model, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    fresh = load_quantized(apply_qlora(TiedTiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj"))),
+                           tmp_path / "m.safetensors")
+    ids = torch.randint(0, 50, (2, 5))
+    assert torch.equal(fresh(ids), model(ids)) and fresh.lm_head.weight is fresh.embed.weight
+
+
+def damage(path, tmp_path, how):
+    """A copy of the save_quantized file at ``path`` damaged in one way."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / f"{how}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    blob = path.read_bytes()
+    if how == "truncated":
+        out.write_bytes(blob[: len(blob) // 2])
+    elif how == "garbage":
+        out.write_bytes(b"\xff" * 64)
+    elif how == "nan_bias":
+        tensors["q_proj.base_layer.bias"] = torch.full_like(tensors["q_proj.base_layer.bias"], float("nan"))
+        save_file(tensors, str(out), metadata)
+    elif how == "nan_absmax":
+        tensors["up_proj.nested_absmax"] = torch.full_like(tensors["up_proj.nested_absmax"], float("nan"))
+        save_file(tensors, str(out), metadata)
+    elif how == "bad_metadata":
+        save_file(tensors, str(out), {**metadata, "lora_lab.nf4_layers": "{not json"})
+    elif how == "int_weight":
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].to(torch.int32)
+        save_file(tensors, str(out), metadata)
+    return out
+
+
+@pytest.mark.parametrize("how, match", [
+    ("truncated", "truncated"), ("garbage", "damaged"), ("nan_bias", "NaN"), ("nan_absmax", "NaN"),
+    ("bad_metadata", "metadata"), ("int_weight", "lm_head.weight"),
+])
+def test_a_damaged_quantized_file_is_refused_before_anything_changes(tmp_path, how, match):
+    model = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    save_quantized(model, tmp_path / "m.safetensors")
+    fresh = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=match):
+        load_quantized(fresh, damage(tmp_path / "m.safetensors", tmp_path, how))
+    assert_unchanged(fresh, before)

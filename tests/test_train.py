@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from model_state import assert_unchanged, snapshot
+
 from lora_lab.data import load_task
 from lora_lab.lora import LoraConfig, lora_layers
 from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
@@ -189,3 +191,50 @@ def test_gradient_checkpointing_changes_memory_not_the_curve(task):
     # Recomputing a layer runs the same kernels on the same inputs, so the losses agree to the bit on CPU.
     assert checkpointed.train_loss == plain.train_loss
     assert checkpointed.memory[-1].activations < plain.memory[-1].activations
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weight_decay": -0.1}, "weight_decay"), ({"weight_decay": float("nan")}, "weight_decay"),
+    ({"eval_examples": 0}, "eval_examples"), ({"seed": "0"}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"device": "mps"}, "mps"), ({"device": "gpu"}, "gpu"),
+])
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_bad_argument_is_refused_before_the_model_changes(task, method, kwargs, match):
+    if kwargs.get("device") == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS, so device='mps' is a good argument here")
+    model = tiny_model()
+    before = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        finetune(model, task, method=method, **{**QUICK, **kwargs})
+    assert_unchanged(model, before)
+
+
+def test_a_task_with_an_empty_eval_split_is_refused_before_the_model_changes():
+    model = tiny_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="eval split is empty"):
+        finetune(model, load_task(n_eval=0), **QUICK)
+    assert_unchanged(model, before)
+
+
+def test_a_model_with_a_smaller_vocabulary_than_the_task_is_refused_before_it_changes(task):
+    model = tiny_model(vocab_size=task.tokenizer.vocab_size - 4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="vocab_size"):
+        finetune(model, task, **QUICK)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 1.0), ("full", 1e6)])
+def test_a_huge_finite_learning_rate_is_reported_as_diverged(task, method, lr):
+    # lr=1 leaves LoRA's loss far above chance; lr=1e6 leaves full fine-tuning at exactly ln(vocab_size).
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        history = finetune(load_base_model(device="cpu"), task, method=method, lr=lr,
+                           **{**QUICK, "steps": 40, "eval_every": None})
+    assert history.steps < 40 and "lower the learning rate" in history.stopped_reason
+
+
+def test_strict_turns_divergence_into_an_error(task):
+    with pytest.raises(ValueError, match="diverged"):
+        finetune(load_base_model(device="cpu"), task, method="lora", lr=1.0, strict=True,
+                 **{**QUICK, "steps": 40, "eval_every": None})

@@ -139,3 +139,15 @@ def test_tiny_measure_reuses_a_prepared_model_without_carrying_state():
     first = measure("lora", r=4, batch_size=2, seq_len=8).as_dict()
     measure("lora", r=4, batch_size=4, seq_len=16)
     assert measure("lora", r=4, batch_size=2, seq_len=8).as_dict() == first  # same setting, same bytes
+
+
+def test_explorer_on_a_setting_the_grid_lacks_says_so_and_hides_the_stale_figure(grid):
+    grid.pop("calls")
+    del grid[(8, 4, 3)]
+    box = memory_explorer(grid)
+    box.sliders["r"].value, box.sliders["batch_size"].value = 8, 4
+    box.sliders["seq_len"].value = 3  # must not raise inside the widget callback
+    assert "was not measured" in box.readout.value and "r=8, batch_size=4, seq_len=3" in box.readout.value
+    assert box.current is None and box.image.layout.visibility == "hidden"
+    box.sliders["seq_len"].value = 2
+    assert box.current is not None and box.image.layout.visibility == "visible"

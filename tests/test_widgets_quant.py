@@ -76,3 +76,14 @@ def test_error_explorer_controls_change_the_histogram_and_table(grid):
 def test_error_explorer_rejects_a_key_outside_the_grid(grid):
     with pytest.raises(ValueError, match="not in the grid"):
         widgets.error_explorer(grid, blocksize=128)
+
+
+def test_error_explorer_on_a_combination_the_grid_lacks_says_so_and_hides_the_stale_figure(grid):
+    grid = {k: v for k, v in grid.items() if k != ("heavy", "int4", 1024)}
+    box = widgets.error_explorer(grid)
+    box.blocksize.value, box.quantizer.value = 1024, "int4"
+    box.sample.value = "heavy"  # must not raise inside the widget callback
+    assert "is not in the grid" in box.table.value and box.density is None
+    assert box.view.image.layout.visibility == "hidden"
+    box.sample.value = "normal"
+    assert box.density is not None and box.view.image.layout.visibility == "visible"

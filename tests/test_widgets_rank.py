@@ -57,3 +57,14 @@ def test_train_panel_redraws_while_training():
     renders = box.view.renders
     box.button.click()
     assert box.view.renders - renders == 5 + 1  # every 2nd of 10 steps, plus the final draw
+
+
+def test_a_training_error_shows_in_the_status_and_frees_the_button():
+    def failing_train(r, alpha, callback):
+        raise ValueError("lr must be a positive number <here>")
+
+    box = widgets.train_panel(failing_train, max_steps=10)
+    box.button.click()  # must not raise inside the widget callback
+    assert "failed" in box.status.value and "lr must be a positive number &lt;here&gt;" in box.status.value
+    assert "training r = 8, α = 16 ..." not in box.status.value
+    assert box.history is None and not box.button.disabled

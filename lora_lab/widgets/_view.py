@@ -51,7 +51,12 @@ class FigureView:
         buf = io.BytesIO()
         Image.fromarray(np.asarray(canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
         self.image.value = buf.getvalue()
+        self.image.layout.visibility = "visible"
         self.renders += 1
+
+    def hide(self) -> None:
+        """Hide the figure until the next `refresh` (when what it shows no longer matches the controls)."""
+        self.image.layout.visibility = "hidden"
 
 
 def e2e_slider(slider):

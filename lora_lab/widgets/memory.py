@@ -85,6 +85,7 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
 
     The returned box has attributes `sliders` (dict name -> SelectionSlider), `figure`, `bars`, `image`,
     `readout` and `current` (the StackedBars drawn now), so tests and notebooks can read the data behind it.
+    A combination the grid lacks hides the figure, sets `current` to None and says so in the readout.
     """
     if not grid:
         raise ValueError("the grid is empty; measure at least one setting with measure_grid(...).")
@@ -109,6 +110,12 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
 
     def redraw(_=None):
         key = tuple(sliders[n].value for n in names)
+        if key not in grid:  # a setting the grid lacks: say so, and do not leave the last setting's bars up
+            box.current = None
+            view.hide()
+            readout.value = (f"<b>r={key[0]}, batch_size={key[1]}, seq_len={key[2]} was not measured</b>; pick "
+                             "another setting, or add it to measure_grid(...).")
+            return
         box.current = stacked_bar_data(grid[key], unit)
         update_stacked_bars(bars, box.current)
         view.refresh()  # axes limits are fixed over the grid: only the bars are redrawn (blitting)

@@ -57,7 +57,8 @@ def error_explorer(grid: dict, sample: str | None = None, quantizer: str | None 
 
     Returns:
         A VBox with ``.sample``, ``.quantizer``, ``.blocksize`` controls, ``.table`` (HTML), ``.view``,
-        ``.key`` and ``.density`` (the histogram drawn now).
+        ``.key`` and ``.density`` (the histogram drawn now; None, with the figure hidden and a message in the
+        table, for a combination the grid lacks).
     """
     samples = list(dict.fromkeys(k[0] for k in grid))
     quantizers = list(dict.fromkeys(k[1] for k in grid))
@@ -75,6 +76,12 @@ def error_explorer(grid: dict, sample: str | None = None, quantizer: str | None 
 
     def show(_=None) -> None:
         box.key = (sample_dd.value, quant_dd.value, bs_slider.value)
+        if box.key not in grid:  # a combination the grid lacks: say so instead of showing the last one
+            box.density = None
+            view.hide()
+            table.value = (f"<b>{box.key[0]}, {box.key[1]}, blocksize {box.key[2]} is not in the grid</b>; pick "
+                           "another combination, or add it to error_grid(...).")
+            return
         box.density = plots.update_error_explorer(artists, box.key)
         table.value = plots.stats_table_html(grid, box.key[0], box.key[2], box.key[1])
         view.refresh()

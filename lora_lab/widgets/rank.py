@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import ipywidgets as widgets
 
 from ..plots import rank as plots
@@ -50,7 +52,8 @@ def train_panel(train_fn, ranks=(1, 2, 4, 8, 16, 32, 64), r: int = 8, alpha: flo
 
     Returns:
         A VBox with ``.rank``, ``.alpha``, ``.button``, ``.progress``, ``.status``, ``.view``, ``.artists``
-        and ``.history`` (the last run's History, None before the first).
+        and ``.history`` (the last run's History, None before the first or after a run that raised; the
+        status then shows the error).
     """
     fig, artists = plots.plot_live(max_steps)
     view = FigureView(fig, animated=[artists["train"], artists["eval"]])
@@ -74,13 +77,18 @@ def train_panel(train_fn, ranks=(1, 2, 4, 8, 16, 32, 64), r: int = 8, alpha: flo
         status.value = f"training r = {rank_dd.value}, α = {alpha_slider.value:g} ..."
         try:
             box.history = train_fn(rank_dd.value, alpha_slider.value, on_step)
-            plots.update_live(artists, box.history)
-            view.refresh()
-            final = box.history.eval_loss[-1] if box.history.eval_loss else float("nan")
-            status.value = (f"r = {rank_dd.value}, α = {alpha_slider.value:g}: {box.history.steps} steps, "
-                            f"final eval loss {final:.3f}")
+        except Exception as err:  # shown where the user is looking; a widget callback's traceback goes to a log
+            box.history = None
+            status.value = (f"<b>training r = {rank_dd.value}, α = {alpha_slider.value:g} failed</b>: "
+                            f"{html.escape(f'{type(err).__name__}: {err}')}")
+            return
         finally:
             button.disabled = False
+        plots.update_live(artists, box.history)
+        view.refresh()
+        final = box.history.eval_loss[-1] if box.history.eval_loss else float("nan")
+        status.value = (f"r = {rank_dd.value}, α = {alpha_slider.value:g}: {box.history.steps} steps, "
+                        f"final eval loss {final:.3f}")
 
     button.on_click(run)
     box.rank, box.alpha, box.button, box.progress, box.status, box.view, box.artists = (
