@@ -129,6 +129,27 @@ class LoRALinear(nn.Module):
         """True while ``B A`` is folded into ``base_layer.weight``."""
         return self._merged
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer applies, ``W0 + scaling * B A`` (out, in); see `# Note: code that reads .weight`.
+
+        # Note: code that reads .weight
+        Some modules read a child's ``weight`` instead of calling it: ``nn.TransformerEncoderLayer``'s inference
+        fast path hands ``linear1.weight`` and ``linear2.weight`` to one fused kernel. Returning the merged weight
+        keeps the update in that path (PEFT's ``lora.Linear.weight`` is ``W0``, so there its adapter is skipped
+        in eval mode). While grad is on this tensor requires grad, and torch takes the ordinary path through
+        `forward` instead. A new tensor each time: write to ``base_layer.weight``, not to this.
+        """
+        weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise AttributeError(f"{type(self.base_layer).__name__} has no floating-point weight to add B A to.")
+        return weight if self._merged else weight + self.delta_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``base_layer.bias`` (LoRA adds no bias)."""
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``; x: (..., in) -> (..., out)."""
         result = self.base_layer(x)  # (..., out)

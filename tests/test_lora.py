@@ -305,6 +305,22 @@ def test_all_linear_skips_an_unnamed_vocab_head():
     assert set(lora_layers(model)) == {"1"}  # the last Linear with out_features == vocab is the head
 
 
+@pytest.mark.parametrize("make", [lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                  lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(
+                                      16, 2, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)],
+                         ids=["layer", "stack"])
+def test_lora_on_torch_transformer_counts_in_its_fused_inference_path(make):
+    torch.manual_seed(0)
+    model = apply_lora(make(), LoraConfig(r=2, target_modules=["linear1", "linear2"]))
+    randomize_lora_B(model, std=0.1)
+    x = torch.randn(2, 5, 16)
+    ordinary = model.train()(x)  # training mode calls linear1/linear2, so LoRALinear.forward runs
+    with torch.no_grad():
+        fused = model.eval()(x)  # eval + no_grad: one fused kernel that reads linear1.weight/linear2.weight
+    # The fused kernel sums in another order than the separate matmuls: a few fp32 ulps of outputs of size ~1.
+    torch.testing.assert_close(fused, ordinary, rtol=1e-5, atol=1e-5)
+
+
 def test_apply_freezes_everything_else_and_records_config():
     config = LoraConfig(r=2)
     model = apply_lora(TinyLM(), config)
