@@ -25,7 +25,7 @@ from torch import nn
 
 from .lora import LoraConfig, apply_lora
 from .memory import MemoryBreakdown, checkpoint_layers, training_step
-from .model import resolve_device
+from .model import loss_and_logits, resolve_device
 
 METHODS = ("full", "lora", "qlora", None)
 # Defaults for the kit's small models: adapters start at B = 0 and need a larger step than full weights.
@@ -81,7 +81,9 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
     """Fine-tune ``model`` on ``task`` in place and return the `History`.
 
     Args:
-        model: a causal LM whose ``forward(input_ids, labels=...)`` returns ``(loss, logits)``.
+        model: a causal LM whose ``forward(input_ids, labels=...)`` returns ``(loss, logits)``, like the kit's
+            `LlamaForCausalLM`, or an output with ``.loss`` and ``.logits``, like a transformers ``*ForCausalLM``.
+            Anything else raises TypeError before the model is changed.
         task: has ``get_batch(split, batch_size, generator)``, ``evaluate(model, split, max_examples)``,
             ``seq_len`` (see `lora_lab.data`).
         method: ``"full"``, ``"lora"``, ``"qlora"`` or None (see the module docstring).
@@ -101,6 +103,7 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
         warning and ``stopped_reason`` set; the model keeps the last finite weights.
     """
     lr = _check_args(model, task, method, config, steps, lr, batch_size, eval_every, callback_every)
+    _check_outputs(model, task)
     device = resolve_device(device, strict)
     torch.manual_seed(seed)  # before the adapters exist: lora_A's init is part of the run
     prepare_model(model, method, config, qlora_options)
@@ -251,6 +254,21 @@ def _check_args(model, task, method, config, steps, lr, batch_size, eval_every, 
     if method is None and not any(p.requires_grad for p in model.parameters()):
         raise ValueError("method=None trains what already requires grad, and nothing does; pick a method.")
     return float(lr)
+
+
+def _check_outputs(model, task) -> None:
+    """One no-grad forward on one training example, so that a model whose outputs the loop cannot read is
+    refused (TypeError, see `lora_lab.model.loss_and_logits`) before anything is changed."""
+    input_ids, labels = task.get_batch("train", 1, torch.Generator().manual_seed(0))
+    device = next(model.parameters(), torch.empty(0)).device
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout, so the global RNG is not drawn from
+    try:
+        with torch.no_grad():
+            loss_and_logits(model(input_ids.to(device), labels=labels.to(device)), need_loss=True)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _split_size(task, split: str) -> int | None:
