@@ -17,8 +17,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safetensors
-from .lora import (ALL_LINEAR, LoraConfig, LoRALinear, _is_linear_like, _target_matches, apply_lora, lora_layers,
-                   lora_targets, output_head_names)
+from .lora import (ALL_LINEAR, LoraConfig, LoRALinear, _is_linear_like, _is_transformers_model, _target_matches,
+                   apply_lora, lora_layers, lora_targets, output_head_names)
+from .model import LlamaForCausalLM
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,14 +32,17 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, 
                 "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = "CAUSAL_LM") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = "auto") -> Path:
     """Write the model's LoRA weights and config as a PEFT adapter directory.
 
     Args:
         model: A model with LoRA layers (from `apply_lora` or `load_adapter`).
         path: Directory to create or overwrite files in.
-        task_type: PEFT's task type; ``PeftModel.from_pretrained`` picks its wrapper class by it. Use ``None``
-            for a model that is not a causal LM (no ``prepare_inputs_for_generation``).
+        task_type: PEFT's task type; ``PeftModel.from_pretrained`` picks its wrapper class by it. ``"auto"``
+            reads it from the model: ``"CAUSAL_LM"`` for the kit's `LlamaForCausalLM` and for a transformers
+            causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``, ...), which PEFT wraps in ``PeftModelForCausalLM``
+            (it needs ``prepare_inputs_for_generation``); None (null) for any other module, which loads as a
+            plain ``PeftModel``.
 
     Returns:
         The directory path.
@@ -60,6 +64,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
+    task_type = _task_type(model) if task_type == "auto" else task_type
     _write_atomic(path / CONFIG_NAME, json.dumps(_peft_config_dict(config, targets, task_type), indent=2).encode())
     return path
 
@@ -145,6 +150,18 @@ def _peft_config_dict(config: LoraConfig, targets, task_type: str | None) -> dic
         "use_rslora": config.use_rslora, "bias": config.bias, "inference_mode": True, "init_lora_weights": True,
         **_UNSUPPORTED, "layers_pattern": None,
     }
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """``"CAUSAL_LM"`` for the kit's causal LM and transformers' causal LMs (their auto-class list), else None."""
+    if isinstance(model, LlamaForCausalLM):
+        return "CAUSAL_LM"
+    if _is_transformers_model(model):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            return "CAUSAL_LM"
+    return None
 
 
 def _model_config(model: nn.Module, layers: dict[str, LoRALinear]) -> LoraConfig:

@@ -20,6 +20,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .model import loss_and_logits
+
 ALPHABET = " abcdefghijklmnopqrstuvwxyz.,:>"
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 
@@ -212,8 +214,7 @@ class Task:
         total_loss, n_tokens, n_correct, n_token_hits = 0.0, 0, 0, 0
         for start in range(0, len(ids), batch_size):
             x, y = ids[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
-            out = model(x)
-            logits = (out[1] if isinstance(out, tuple) else out)[:, :-1].float()  # (B, T-1, V)
+            logits = loss_and_logits(model(x))[1][:, :-1].float()  # (B, T-1, V)
             target, mask = y[:, 1:], y[:, 1:] != -100  # (B, T-1)
             total_loss += F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
                                           reduction="sum").item()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,7 +31,8 @@ class LoraConfig:
         lora_dropout: Dropout probability applied to the adapter's input only.
         target_modules: Module-name suffixes (``("q_proj", "v_proj")`` matches ``model.layers.0.self_attn.q_proj``
             at a ``.`` boundary), a regex string matched with ``re.fullmatch`` against full names, or
-            ``"all-linear"`` (every linear layer except the output head ``lm_head``).
+            ``"all-linear"`` (every linear layer except the output head, see `output_head_names`, and the
+            ``out_proj`` of an ``nn.MultiheadAttention``, which never calls it).
         use_rslora: Use rank-stabilized scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv 2312.03732).
         bias: ``"none"`` (all biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of the
             wrapped layers train).
@@ -131,6 +133,27 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         """True while ``B A`` is folded into ``base_layer.weight``."""
         return self._merged
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer applies, ``W0 + scaling * B A`` (out, in); see `# Note: code that reads .weight`.
+
+        # Note: code that reads .weight
+        Some modules read a child's ``weight`` instead of calling it: ``nn.TransformerEncoderLayer``'s inference
+        fast path hands ``linear1.weight`` and ``linear2.weight`` to one fused kernel. Returning the merged weight
+        keeps the update in that path (PEFT's ``lora.Linear.weight`` is ``W0``, so there its adapter is skipped
+        in eval mode). While grad is on this tensor requires grad, and torch takes the ordinary path through
+        `forward` instead. A new tensor each time: write to ``base_layer.weight``, not to this.
+        """
+        weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise AttributeError(f"{type(self.base_layer).__name__} has no floating-point weight to add B A to.")
+        return weight if self._merged else weight + self.delta_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``base_layer.bias`` (LoRA adds no bias)."""
+        return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``; x: (..., in) -> (..., out)."""
@@ -234,6 +257,11 @@ def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(f"The model already has LoRA layers ({', '.join(existing)}); call unload(model) first "
                          "or load the adapter with load_adapter.")
     names = _matched_names(model, config.target_modules)
+    unused = set(names) & _unused_linears(model)
+    if unused:
+        raise TypeError(f"target_modules matched {sorted(unused)}, the out_proj of an nn.MultiheadAttention, which "
+                        "reads out_proj.weight itself and never calls the layer, so an adapter there would never "
+                        "be used (PEFT wraps it and it stays untrained). Leave it out of target_modules.")
     for name in names:
         module = model.get_submodule(name)
         if not _is_linear_like(module):
@@ -392,23 +420,63 @@ def _target_matches(targets, name: str) -> bool:
 
 
 def output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
-    """The LM head: ``get_output_embeddings()``, any ``lm_head``, or a last linear with out == vocab size."""
-    heads = {n for n in linear_names if n.rsplit(".", 1)[-1] == "lm_head"}
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    heads |= {n for n, m in model.named_modules() if head is not None and m is head}
-    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
-    vocab.add(getattr(getattr(model, "config", None), "vocab_size", None))
-    if linear_names and model.get_submodule(linear_names[-1]).out_features in vocab:
-        heads.add(linear_names[-1])
+    """The output head that ``"all-linear"`` leaves out (and `apply_qlora` keeps in full precision).
+
+    A transformers ``PreTrainedModel`` says which layer it is: ``model.get_output_embeddings()``, PEFT's rule
+    (``_maybe_include_all_linear_layers``). That is ``lm_head`` for a ``*ForCausalLM`` and None for ``BertModel``
+    and ``*ForSequenceClassification``, whose ``classifier``/``score`` is then a target like any linear, as
+    in PEFT without a ``task_type`` (PEFT with ``task_type="SEQ_CLS"`` trains the head fully instead, through
+    ``modules_to_save``, which lora_lab does not have).
+
+    Any other module (PEFT leaves every linear in): a layer its ``get_output_embeddings()`` returns, any layer
+    named ``lm_head``, and the last linear if it maps back to the vocabulary: its weight is an ``nn.Embedding``'s
+    (tied), or its ``out_features`` equals the number of rows of the input embedding, ``get_input_embeddings()``
+    or else the first ``nn.Embedding`` (the token table in GPT-, Llama- and BERT-style code). Comparing sizes
+    with that one table only, not with every table, keeps a 2-label classifier from looking like a head
+    because of a 2-row token-type or a 512-row position table.
+    """
+    def names_of(module):
+        return {n for n, m in model.named_modules() if module is not None and m is module}
+
+    output = getattr(model, "get_output_embeddings", None)
+    heads = names_of(output() if callable(output) else None)
+    if _is_transformers_model(model):
+        return heads
+    heads |= {n for n in linear_names if n.rsplit(".", 1)[-1] == "lm_head"}
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    get_input = getattr(model, "get_input_embeddings", None)
+    tokens = get_input() if callable(get_input) else None
+    tokens = tokens if isinstance(tokens, nn.Embedding) else next(iter(embeddings), None)
+    if linear_names and tokens is not None:
+        last = model.get_submodule(linear_names[-1])
+        tied = any(getattr(last, "weight", None) is e.weight for e in embeddings)
+        if tied or last.out_features == tokens.num_embeddings:
+            heads.add(linear_names[-1])
     return heads
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """True for a transformers ``PreTrainedModel``, without importing transformers when it is not loaded."""
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
+
+
+def _unused_linears(model: nn.Module) -> set[str]:
+    """Names of linears their parent never calls: every ``nn.MultiheadAttention.out_proj``.
+
+    ``nn.MultiheadAttention`` passes ``out_proj.weight`` and ``out_proj.bias`` to
+    ``F.multi_head_attention_forward``; ``out_proj`` is an ``nn.Linear`` subclass only so that quantization
+    tools find it.
+    """
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
 
 
 def _matched_names(model: nn.Module, targets) -> list[str]:
     linear_names = [n for n, m in model.named_modules() if n and _is_linear_like(m)]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = output_head_names(model, linear_names)
-        names = [n for n in linear_names if n not in heads]
+        skipped = output_head_names(model, linear_names) | _unused_linears(model)
+        names = [n for n in linear_names if n not in skipped]
     else:
         names = [n for n, _ in model.named_modules() if n and _target_matches(targets, n)]
     if not names:

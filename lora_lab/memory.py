@@ -25,6 +25,8 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
+from .model import loss_and_logits
+
 CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations")
 MiB = 2**20
 
@@ -216,7 +218,7 @@ def training_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, 
     if track and on_cuda:
         torch.cuda.reset_peak_memory_stats(input_ids.device)
     with SavedTensors(model) if track else contextlib.nullcontext() as saved:
-        loss, _ = model(input_ids, labels=labels)
+        loss, _ = loss_and_logits(model(input_ids, labels=labels), need_loss=True)
     if not loss.is_meta and not torch.isfinite(loss):
         return loss.detach(), None
     loss.backward()

@@ -245,6 +245,38 @@ class LlamaForCausalLM(nn.Module):
         return loss, logits
 
 
+def loss_and_logits(out, *, need_loss: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(loss, logits)`` from what a causal LM's forward returned: the kit's model or a transformers one.
+
+    `LlamaForCausalLM` above returns logits (B, T, V), or ``(loss, logits)`` when given labels; a
+    transformers ``*ForCausalLM`` returns an output object (``CausalLMOutputWithPast``) with ``.logits``
+    and, given labels, ``.loss``. The trainer, `lora_lab.memory` and `Task.evaluate` read outputs here only.
+
+    Args:
+        out: the forward's return value.
+        need_loss: the call passed labels, so a loss must be there.
+
+    Returns:
+        ``(loss, logits)``; loss is None for logits alone.
+
+    Raises:
+        TypeError: ``out`` is none of these (or has no loss although ``need_loss``).
+    """
+    if isinstance(out, torch.Tensor):
+        loss, logits = None, out
+    elif isinstance(out, tuple) and len(out) == 2:
+        loss, logits = out
+    else:
+        loss, logits = getattr(out, "loss", None), getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor) or not isinstance(loss, (torch.Tensor, type(None))) or (
+            need_loss and loss is None):
+        raise TypeError(f"The model's forward returned a {type(out).__name__}; lora_lab needs a causal LM whose "
+                        "forward(input_ids) gives logits (B, T, vocab_size) and forward(input_ids, labels=labels) "
+                        "gives (loss, logits), or an output with .logits and .loss as a transformers "
+                        "*ForCausalLM returns. Wrap the model so that its forward returns one of these.")
+    return loss, logits
+
+
 def load_checkpoint(model: LlamaForCausalLM, state_dict: dict) -> None:
     """Copy `state_dict` into `model`, naming the first tensor that does not fit.
 

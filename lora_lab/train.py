@@ -25,7 +25,7 @@ from torch import nn
 
 from .lora import LoraConfig, apply_lora
 from .memory import MemoryBreakdown, checkpoint_layers, training_step
-from .model import resolve_device
+from .model import loss_and_logits, resolve_device
 
 METHODS = ("full", "lora", "qlora", None)
 DIVERGENCE_WINDOW = 10  # steps averaged before calling a run diverged (see `# Note: what counts as diverged`)
@@ -82,7 +82,9 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
     """Fine-tune ``model`` on ``task`` in place and return the `History`.
 
     Args:
-        model: a causal LM whose ``forward(input_ids, labels=...)`` returns ``(loss, logits)``.
+        model: a causal LM whose ``forward(input_ids, labels=...)`` returns ``(loss, logits)``, like the kit's
+            `LlamaForCausalLM`, or an output with ``.loss`` and ``.logits``, like a transformers ``*ForCausalLM``.
+            Anything else raises TypeError before the model is changed.
         task: has ``get_batch(split, batch_size, generator)``, ``evaluate(model, split, max_examples)``,
             ``seq_len`` (see `lora_lab.data`).
         method: ``"full"``, ``"lora"``, ``"qlora"`` or None (see the module docstring).
@@ -108,6 +110,7 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
     """
     lr = _check_args(model, task, method, config, steps, lr, batch_size, eval_every, callback_every)
     _check_more_args(model, task, seed, eval_examples, weight_decay)
+    _check_outputs(model, task)
     device = resolve_device(device, strict)
     torch.manual_seed(seed)  # before the adapters exist: lora_A's init is part of the run
     prepare_model(model, method, config, qlora_options)
@@ -316,6 +319,21 @@ def _check_more_args(model, task, seed, eval_examples, weight_decay) -> None:
     if isinstance(model_vocab, int) and isinstance(task_vocab, int) and task_vocab > model_vocab:
         raise ValueError(f"The task's tokenizer has {task_vocab} token ids but the model's vocabulary only "
                          f"{model_vocab}; build the model with vocab_size >= {task_vocab}.")
+
+
+def _check_outputs(model, task) -> None:
+    """One no-grad forward on one training example, so that a model whose outputs the loop cannot read is
+    refused (TypeError, see `lora_lab.model.loss_and_logits`) before anything is changed."""
+    input_ids, labels = task.get_batch("train", 1, torch.Generator().manual_seed(0))
+    device = next(model.parameters(), torch.empty(0)).device
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout, so the global RNG is not drawn from
+    try:
+        with torch.no_grad():
+            loss_and_logits(model(input_ids.to(device), labels=labels.to(device)), need_loss=True)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _split_size(task, split: str) -> int | None:

@@ -12,6 +12,7 @@ from model_state import assert_unchanged, snapshot
 
 from lora_lab import LoraConfig, apply_lora, count_parameters, lora_layers
 from lora_lab.adapter import load_adapter, save_adapter
+from lora_lab.model import LlamaConfig, LlamaForCausalLM
 
 peft = pytest.importorskip("peft", reason="the adapter interop tests compare with PEFT (pip install peft)")
 transformers = pytest.importorskip("transformers", reason="the interop tests build a tiny transformers Llama")
@@ -123,6 +124,17 @@ def test_trained_biases_round_trip_both_ways(tmp_path, bias):
     assert_same_function(back(x), theirs(x))
 
 
+def test_a_custom_module_round_trips_through_peft_model(tmp_path):
+    torch.manual_seed(0)
+    plain, x = Biased(), torch.randn(3, 6)
+    ours = randomize(apply_lora(copy.deepcopy(plain), LoraConfig(r=2)))
+    save_adapter(ours, tmp_path / "ours")  # the default task_type: null for a module that is not a causal LM
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "ours")
+    assert_same_function(theirs(x), ours(x))
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert_same_function(load_adapter(copy.deepcopy(plain), tmp_path / "theirs")(x), ours(x))
+
+
 # ------------------------------------------------------------------------------------- the format
 
 
@@ -141,6 +153,28 @@ def test_on_disk_format_is_peft_format(base, saved):
     theirs = peft.LoraConfig.from_pretrained(path)  # PEFT's own reader accepts it
     assert (theirs.r, theirs.lora_alpha, theirs.use_rslora, set(theirs.target_modules)) == (
         4, 8, True, {"q_proj", "v_proj"})
+
+
+def tiny_model(kind):
+    """A small model of each kind `save_adapter` tells apart, with LoRA on q_proj/v_proj."""
+    torch.manual_seed(0)
+    llama = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=16)
+    model = {
+        "kit": lambda: LlamaForCausalLM(LlamaConfig(**llama)),
+        "transformers-causal-lm": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama)),
+        "transformers-seq-cls": lambda: transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(**llama, num_labels=2, pad_token_id=0)),
+        "custom": Biased,
+    }[kind]()
+    return apply_lora(model, LoraConfig(r=2))
+
+
+@pytest.mark.parametrize("kind, task_type", [("kit", "CAUSAL_LM"), ("transformers-causal-lm", "CAUSAL_LM"),
+                                             ("transformers-seq-cls", None), ("custom", None)])
+def test_save_adapter_writes_the_task_type_of_the_model(tmp_path, kind, task_type):
+    save_adapter(tiny_model(kind), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == task_type
 
 
 def test_config_json_matches_what_peft_writes(base, saved, tmp_path):

@@ -14,6 +14,7 @@ from model_state import assert_unchanged, snapshot
 
 from lora_lab import (LoraConfig, LoRALayer, LoRALinear, ParameterCount, apply_lora, count_parameters, lora_layers,
                       merge_lora, unload, unmerge_lora)
+from lora_lab.lora import lora_targets
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FAST = settings(max_examples=20, deadline=None)
@@ -325,10 +326,98 @@ def test_target_modules_select_the_right_layers(targets, expected):
     assert all(model.get_submodule(n) is m for n, m in lora_layers(model).items())
 
 
-def test_all_linear_skips_an_unnamed_vocab_head():
-    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30))
-    apply_lora(model, LoraConfig(r=2, target_modules="all-linear"))
-    assert set(lora_layers(model)) == {"1"}  # the last Linear with out_features == vocab is the head
+class BertLikeClassifier(nn.Module):
+    """A 30-token table, then a 2-row token-type table (as in BERT), under a 2-label classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.word_embeddings, self.token_type_embeddings = nn.Embedding(30, 8), nn.Embedding(2, 8)
+        self.dense, self.classifier = nn.Linear(8, 8), nn.Linear(8, 2)
+
+
+def tied_lm():
+    """A position table registered before the token table, and a head tied to the token table."""
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30, bias=False))
+    model[3].weight = model[1].weight
+    return model
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30)), {"1"}),  # out == vocab: head
+    (tied_lm, {"2"}),  # tied to an embedding: head, whichever table comes first
+    (BertLikeClassifier, {"dense", "classifier"}),  # 2 labels == 2 token types, but not the vocab: a target
+], ids=["vocab-sized", "tied", "2-label-classifier"])
+def test_all_linear_on_a_plain_module_skips_only_a_vocabulary_head(make, expected):
+    model = apply_lora(make(), LoraConfig(r=2, target_modules="all-linear"))
+    assert set(lora_layers(model)) == expected
+
+
+def _transformers_models():
+    """Small random transformers models (no download), one per family, by name."""
+    t = pytest.importorskip("transformers", reason="the all-linear comparison builds transformers models")
+    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=40, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    bert = {k: v for k, v in size.items() if k != "num_key_value_heads"}
+    return {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**size)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**size)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**size)),
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**size, head_dim=8)),  # lm_head tied to embed_tokens
+        "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**size)),  # fused qkv_proj and gate_up_proj
+        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, vocab_size=40, max_position_embeddings=32,
+                                                   word_embed_proj_dim=16)),  # adds project_in/project_out
+        "bert": lambda: t.BertModel(t.BertConfig(**bert)),  # no head: the pooler is a target
+        "bert-seq-cls": lambda: t.BertForSequenceClassification(t.BertConfig(**bert, num_labels=2)),
+        "llama-seq-cls": lambda: t.LlamaForSequenceClassification(t.LlamaConfig(**size, num_labels=2)),
+    }
+
+
+TORCH_MODELS = {
+    "encoder-layer": lambda: nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+    "transformer": lambda: nn.Transformer(16, 2, 1, 1, 32, batch_first=True),
+}
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "phi3", "opt", "bert", "bert-seq-cls", "llama-seq-cls",
+            *TORCH_MODELS]
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT on transformers 5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_targets_what_peft_targets(family):
+    peft = pytest.importorskip("peft", reason="the all-linear comparison runs PEFT's get_peft_model")
+    make = TORCH_MODELS.get(family) or _transformers_models()[family]
+    ours = set(lora_targets(make(), LoraConfig(r=2, target_modules="all-linear")))
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    # PEFT also wraps each nn.MultiheadAttention.out_proj, whose forward MHA never calls: an adapter that stays 0.
+    unused = {f"{n}.out_proj" for n, m in make().named_modules() if isinstance(m, nn.MultiheadAttention)}
+    assert ours == theirs - unused
+
+
+@pytest.mark.parametrize("make", [lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                  lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(
+                                      16, 2, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)],
+                         ids=["layer", "stack"])
+def test_lora_on_torch_transformer_counts_in_its_fused_inference_path(make):
+    torch.manual_seed(0)
+    model = apply_lora(make(), LoraConfig(r=2, target_modules=["linear1", "linear2"]))
+    randomize_lora_B(model, std=0.1)
+    x = torch.randn(2, 5, 16)
+    ordinary = model.train()(x)  # training mode calls linear1/linear2, so LoRALinear.forward runs
+    with torch.no_grad():
+        fused = model.eval()(x)  # eval + no_grad: one fused kernel that reads linear1.weight/linear2.weight
+    # The fused kernel sums in another order than the separate matmuls: a few fp32 ulps of outputs of size ~1.
+    torch.testing.assert_close(fused, ordinary, rtol=1e-5, atol=1e-5)
+
+
+def test_naming_a_multihead_attention_out_proj_is_refused():
+    model = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="never calls the layer"):
+        apply_lora(model, LoraConfig(r=2, target_modules=["out_proj", "linear1"]))
+    assert_unchanged(model, before)
 
 
 def test_apply_freezes_everything_else_and_records_config():

@@ -71,6 +71,17 @@ def test_measure_leaves_the_weights_unchanged():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_measure_reads_the_loss_of_a_transformers_causal_lm():
+    transformers = pytest.importorskip("transformers", reason="builds a tiny transformers LlamaForCausalLM")
+    torch.manual_seed(0)
+    model = apply_lora(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16)), LoraConfig(r=2))
+    ids = torch.randint(0, 40, (2, 16))
+    mem = measure(model, (ids, ids))  # the forward returns a CausalLMOutputWithPast, not (loss, logits)
+    assert mem.trainable_weights == count_parameters(model).trainable * F32
+
+
 def _measured_and_estimated(method, checkpointing, batch=4, seq_len=26):
     """The base model's measured breakdown on CPU (float32) and the meta-device estimate for the same settings."""
     torch.manual_seed(0)

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from model_state import assert_unchanged, snapshot
 
-from lora_lab.data import load_task
+from lora_lab.data import get_tokenizer, load_task
 from lora_lab.lora import LoraConfig, lora_layers
 from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
 from lora_lab.train import StopTraining, finetune
@@ -117,6 +118,37 @@ def test_history_is_json_serializable(task):
     data = json.loads(json.dumps(history.to_dict()))
     assert data["train_loss"] == history.train_loss
     assert data["memory"][0]["total"] == history.memory[0].total
+
+
+def test_lora_finetunes_a_transformers_causal_lm(task):
+    transformers = pytest.importorskip("transformers", reason="builds a tiny transformers LlamaForCausalLM")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=get_tokenizer().vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=task.seq_len, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2))
+    history = finetune(model, task, method="lora", **{**QUICK, "steps": 10, "eval_every": None, "eval_examples": 32})
+    assert history.eval_loss[-1] < history.eval_loss[0]  # measured 3.54 -> 3.46 nats per answer token
+
+
+class DictOutputLM(nn.Module):
+    """A causal LM in all but its output: a dict, which neither the kit's model nor transformers' returns."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed_tokens, self.q_proj, self.v_proj = nn.Embedding(vocab, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, vocab)
+
+    def forward(self, input_ids, labels=None):
+        return {"logits": self.lm_head(self.v_proj(self.q_proj(self.embed_tokens(input_ids))))}
+
+
+def test_a_model_with_other_outputs_is_refused_before_it_is_wrapped(task):
+    model = DictOutputLM(get_tokenizer().vocab_size)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="returned a dict"):
+        finetune(model, task, method="lora", **QUICK)
+    assert_unchanged(model, before)  # same tensors, requires_grad and module types: no LoRALinear
 
 
 def test_batch_larger_than_the_train_split_is_refused_before_anything_changes(task):
