@@ -144,7 +144,8 @@ def test_apply_qlora_refuses_a_bad_compute_dtype_before_changing_anything():
 def test_merge_and_unload_returns_dense_layers_with_the_update():
     model = Tiny()
     apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
-    nn.init.normal_(model.q_proj.lora_B.weight, std=0.1)
+    for layer in (model.q_proj, model.v_proj):  # every merged layer carries an update
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
     ids = torch.randint(0, 50, (2, 9))
     expected = model(ids)
     merged = merge_and_unload(model)
@@ -165,7 +166,8 @@ def test_requantized_merge_reports_an_error_within_half_a_code_gap():
 
 def test_state_dict_round_trips_through_safetensors(tmp_path):
     model = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
-    nn.init.normal_(model.q_proj.lora_B.weight)
+    for layer in (model.q_proj, model.v_proj):  # every saved adapter nonzero, so each must round-trip
+        nn.init.normal_(layer.lora_B.weight)
     save_quantized(model, tmp_path / "m.safetensors")
     fresh = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
     load_quantized(fresh, tmp_path / "m.safetensors")
@@ -216,7 +218,8 @@ class TiedTiny(nn.Module):
 def test_a_tied_model_round_trips_and_loads_back_tied(tmp_path):
     torch.manual_seed(0)
     model = apply_qlora(TiedTiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
-    nn.init.normal_(model.q_proj.lora_B.weight)
+    for layer in (model.q_proj, model.v_proj):
+        nn.init.normal_(layer.lora_B.weight)
     save_quantized(model, tmp_path / "m.safetensors")
     torch.manual_seed(1)
     fresh = load_quantized(apply_qlora(TiedTiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj"))),
