@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_lab.plots import to_png
 from lora_lab.plots.memory import (breakdown_dict, loss_curve_data, plot_loss_curves, plot_stacked_bars,
-                                   plot_timeline, stacked_bar_data, to_png, update_stacked_bars)
+                                   plot_timeline, stacked_bar_data, update_stacked_bars)
 
 CATS = ("weights", "trainable", "gradients", "optimizer", "activations")
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import pytest
 
+from lora_lab.widgets import E2E_CLASS
 from lora_lab.widgets.memory import MemoryDashboard, measure_grid, memory_explorer
 
 CATS = ("weights", "trainable", "gradients", "optimizer", "activations")
@@ -54,6 +55,12 @@ def test_explorer_slider_looks_up_grid(grid):
     np.testing.assert_allclose(box.current.totals - before, [6, 6])
     assert box.image.value != png
     assert "batch_size=4" in box.readout.value
+
+
+def test_explorer_sliders_are_marked_for_the_browser_test(grid):
+    grid.pop("calls")
+    box = memory_explorer(grid)
+    assert all(E2E_CLASS in s._dom_classes for s in box.sliders.values())
 
 
 def test_explorer_rank_changes_only_lora(grid):

@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
+from lora_lab.widgets import E2E_CLASS
 from lora_lab.widgets.merge import erasure_table, requant_explorer
 
 CODEBOOK = torch.linspace(-1, 1, 15)
@@ -38,6 +39,10 @@ def test_slider_moves_histogram_and_readout(table):
     assert box.current["summary"].erased < erased_early
     assert [r.get_height() for r in box.bars] == pytest.approx(list(table[100]["hist"]))
     assert box.image.value != png and box.readout.value.startswith("step 100:")
+
+
+def test_step_slider_is_marked_for_the_browser_test(table):
+    assert E2E_CLASS in requant_explorer(table).slider._dom_classes
 
 
 def test_histogram_mass_moves_right_with_training(table):

@@ -1,5 +1,10 @@
 """Figure builders for the notebooks: pure functions from data to a matplotlib figure (or an update of one).
 
 One module per notebook topic. Every function returns the figure (and, where a widget redraws it, the
-artists it updates), so tests can check the data behind each figure.
+artists it updates), so tests can check the data behind each figure. Every builder makes its figure with
+`new_figure` and takes its colours from `PALETTE` (by role: `COLORS`).
 """
+
+from ._figure import COLORS, PALETTE, new_figure, palette_color, to_png
+
+__all__ = ["COLORS", "PALETTE", "new_figure", "palette_color", "to_png"]

@@ -1,23 +1,40 @@
-"""Small helpers shared by the figure builders: a pyplot-free figure and the kit's colors."""
+"""What every figure builder shares: one pyplot-free figure constructor, one palette, PNG rendering."""
 
 from __future__ import annotations
+
+import io
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# One color per idea, kept across notebooks (matplotlib's tab10 order).
-COLORS = {"lora": "tab:blue", "full": "black", "nf4": "tab:blue", "fp4": "tab:orange", "int4": "tab:green",
-          "paper": "tab:blue", "rslora": "tab:orange", "raw": "tab:red", "post": "tab:purple",
-          "random": "tab:gray", "highlight": "tab:red"}
+# The kit's one palette: colour-blind-safe (Okabe-Ito). Categories (memory parts, merge targets, curves) take
+# it in order through `palette_color`; an idea that recurs across notebooks has a fixed entry in `COLORS`.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
+BLUE, ORANGE, GREEN, PURPLE, SKY, VERMILION, YELLOW, GRAY = PALETTE
+COLORS = {"lora": BLUE, "full": "black", "nf4": BLUE, "fp4": ORANGE, "int4": GREEN, "paper": BLUE,
+          "rslora": ORANGE, "raw": VERMILION, "post": PURPLE, "random": GRAY, "highlight": VERMILION}
 
 
-def new_figure(ncols: int = 1, nrows: int = 1, width: float = 7.0, height: float = 3.2, dpi: int = 80):
-    """A figure outside pyplot (so a notebook shows it only when asked) with an Agg canvas.
+def palette_color(i: int) -> str:
+    """The i-th colour of `PALETTE`, wrapping around."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def new_figure(*, width: float = 7.0, height: float = 3.2, ncols: int = 1, nrows: int = 1, dpi: int = 80):
+    """A figure outside pyplot (so a notebook shows it only when asked) with an Agg canvas; small, so stored
+    PNGs stay small. Keyword arguments only, so a call reads the same wherever it is.
 
     Returns:
-        (fig, axes): ``axes`` is one Axes for a 1x1 grid, else a flat list.
+        (fig, axes): ``axes`` is one Axes for a 1x1 grid, else a flat list (row by row).
     """
     fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     return fig, (axes[0] if len(axes) == 1 else axes)
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render `fig` to PNG bytes (what an `ipywidgets.Image` shows)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from ._figure import COLORS, new_figure
+from ._figure import COLORS, new_figure, palette_color
 
 # The three scalings of the update B A that users meet (research notes, users' question 4).
 SCALINGS = {
@@ -158,7 +158,7 @@ def plot_spectra(spectra: dict[str, torch.Tensor], top: int = 32):
     lines = {}
     for i, (name, s) in enumerate(spectra.items()):
         s = np.asarray(s, dtype=np.float64)
-        color = COLORS["random"] if "random" in name.lower() else f"C{i}"
+        color = COLORS["random"] if "random" in name.lower() else palette_color(i)
         k = np.arange(1, min(top, len(s)) + 1)
         (lines[name],) = ax_s.plot(k, s[: len(k)] / s[0], "o-", ms=3, color=color, label=name)
         ax_c.plot(np.arange(1, len(s) + 1), np.cumsum(s**2) / np.sum(s**2), color=color, label=name)

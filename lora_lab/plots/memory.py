@@ -1,38 +1,20 @@
 """Figures for the memory notebook: stacked memory bars, a memory timeline, and loss curves side by side.
 
 Every figure is a plain `matplotlib.figure.Figure` (no pyplot, so nothing is displayed behind the notebook's
-back); widgets render it to PNG with `to_png` after updating its artists in place.
+back); widgets render it to PNG (`lora_lab.plots.to_png`) after updating its artists in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from ._figure import new_figure, palette_color
 
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "MB": 10**6, "GB": 10**9}
-# Colour-blind-safe (Okabe-Ito), one colour per memory category, in stacking order.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
-
-
-def new_figure(width: float = 7.0, height: float = 3.5, dpi: int = 80, ncols: int = 1):
-    """A small Agg-backed figure and its axes (one per column); small so stored PNGs stay small."""
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols)
-    return fig, axes
-
-
-def to_png(fig: Figure) -> bytes:
-    """Render `fig` to PNG bytes (what an `ipywidgets.Image` shows)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def breakdown_dict(breakdown) -> dict[str, int]:
@@ -89,12 +71,12 @@ def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None, lege
     """Draw `data` as stacked bars; returns (figure, {category: BarContainer}) for `update_stacked_bars`."""
     fig = ax.figure if ax is not None else None
     if ax is None:
-        fig, ax = new_figure(4.0, 3.5)
+        fig, ax = new_figure(width=4.0, height=3.5)
     x = np.arange(len(data.labels))
     bottom = np.zeros(len(data.labels))
     bars = {}
     for i, cat in enumerate(data.categories):
-        bars[cat] = ax.bar(x, data.values[i], bottom=bottom, color=PALETTE[i % len(PALETTE)], label=cat)
+        bars[cat] = ax.bar(x, data.values[i], bottom=bottom, color=palette_color(i), label=cat)
         bottom = bottom + data.values[i]
     ax.set_xticks(x, data.labels)
     ax.set_ylabel(f"memory ({data.unit})")
@@ -125,11 +107,11 @@ def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     """
     fig = ax.figure if ax is not None else None
     if ax is None:
-        fig, ax = new_figure(4.0, 3.5)
+        fig, ax = new_figure(width=4.0, height=3.5)
     lines = {}
     for i, (name, (steps, nbytes)) in enumerate(series.items()):
         (lines[name],) = ax.plot(steps, np.asarray(nbytes, dtype=float) / UNITS[unit], label=name,
-                                 color=PALETTE[i % len(PALETTE)], marker=marker, markersize=4)
+                                 color=palette_color(i), marker=marker, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel(f"memory ({unit})")
     ax.legend(fontsize=8)
@@ -147,13 +129,13 @@ def loss_curve_data(histories: Mapping[str, object]) -> dict[str, tuple[np.ndarr
 
 def plot_loss_curves(histories: Mapping[str, object], smooth: int = 1, title: str | None = "training loss"):
     """Loss curves side by side on one axis (optionally a running mean over `smooth` steps)."""
-    fig, ax = new_figure(7.0, 3.2)
+    fig, ax = new_figure(width=7.0, height=3.2)
     lines = {}
     for i, (name, (steps, loss)) in enumerate(loss_curve_data(histories).items()):
         if smooth > 1 and len(loss) >= smooth:
             loss = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")
             steps = steps[smooth - 1:]
-        (lines[name],) = ax.plot(steps, loss, label=name, color=PALETTE[i % len(PALETTE)])
+        (lines[name],) = ax.plot(steps, loss, label=name, color=palette_color(i))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if title:

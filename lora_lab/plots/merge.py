@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .memory import PALETTE, new_figure
+from ._figure import new_figure, palette_color
 
 TARGETS = ("a: W16 + ΔW", "b: dequant(NF4 W) + ΔW", "c: NF4(b), requantized")
 
@@ -133,14 +133,14 @@ def plot_error_histograms(weight_err: Mapping[str, torch.Tensor], out_err: Mappi
                           bins: int = 60):
     """Histograms (log count) of weight errors and output errors per merge target; returns (figure, axes)."""
     panels = [("weight error (target − W_ref)", weight_err)] + ([("output error", out_err)] if out_err else [])
-    fig, axes = new_figure(7.0, 3.2, ncols=len(panels))
+    fig, axes = new_figure(width=7.0, height=3.2, ncols=len(panels))
     axes = np.atleast_1d(axes)
     for ax, (title, errs) in zip(axes, panels):
         errs = {k: e.detach().float().cpu() for k, e in errs.items()}
         lim = max(float(e.abs().max()) for e in errs.values()) or 1.0
         edges = np.linspace(-lim, lim, bins + 1)
         for i, (name, e) in enumerate(errs.items()):
-            ax.hist(e.float().numpy(), bins=edges, histtype="step", color=PALETTE[i], label=name, log=True)
+            ax.hist(e.float().numpy(), bins=edges, histtype="step", color=palette_color(i), label=name, log=True)
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7)
     return fig, axes

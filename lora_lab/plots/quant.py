@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from ._figure import COLORS, new_figure
+from ._figure import COLORS, new_figure, palette_color
 
 ERROR_RANGE = 0.3  # histogram x-range of the error, in units of the weights' standard deviation
 ERROR_BINS = 61
@@ -146,7 +146,7 @@ def plot_levels_over_hist(normalized: torch.Tensor, codebooks: dict):
     rows = {}
     for i, (name, levels) in enumerate(codebooks.items()):
         y = top * (1.15 + 0.2 * i)
-        color = COLORS.get(name.lower().split()[0], f"C{i}")
+        color = COLORS.get(name.lower().split()[0], palette_color(i))
         (rows[name],) = ax.plot(np.asarray(levels), np.full(len(levels), y), "|", ms=12, mew=2, color=color)
         ax.text(-1.06, y, name, ha="right", va="center", fontsize=9, color=color)
     ax.set(xlim=(-1.05, 1.05), xlabel="w / absmax of its block", ylabel="density", yticks=[])
@@ -159,7 +159,7 @@ def plot_occupancy(occupancies: dict):
     width = 0.8 / len(occupancies)
     bars = {}
     for i, (name, occ) in enumerate(occupancies.items()):
-        color = COLORS.get(name.lower().split()[0], f"C{i}")
+        color = COLORS.get(name.lower().split()[0], palette_color(i))
         label = f"{name} ({entropy_bits(occ):.2f} bits)"
         bars[name] = ax.bar(np.arange(len(occ)) + (i - (len(occupancies) - 1) / 2) * width, occ, width,
                             color=color, label=label)
@@ -204,7 +204,7 @@ def plot_blocksize_errors(blocksizes, curves: dict):
     fig, ax = new_figure(width=5.5, height=3.0)
     lines = {}
     for i, (name, rmse) in enumerate(curves.items()):
-        (lines[name],) = ax.plot(blocksizes, rmse, "o-", color=f"C{i}", label=name)
+        (lines[name],) = ax.plot(blocksizes, rmse, "o-", color=palette_color(i), label=name)
     ax.set(xscale="log", xlabel="blocksize", ylabel="RMSE", ylim=(0, None))
     ax.set_xticks(list(blocksizes), [str(b) for b in blocksizes])
     ax.legend(fontsize=8)

@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from .memory import UNITS, breakdown_dict, new_figure, plot_stacked_bars, stacked_bar_data
+from ._figure import new_figure
+from .memory import UNITS, breakdown_dict, plot_stacked_bars, stacked_bar_data
 
 GPU_SIZES_GB = (24, 48, 80)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,7 +31,7 @@ def fits_on(total_bytes: float, gpu_sizes: Sequence[float] = GPU_SIZES_GB) -> tu
 
 def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None = None):
     """Stacked bars with a dashed horizontal line at each GPU size. Returns (figure, axis, {category: bars})."""
-    fig, ax = new_figure(7.0, 3.5)
+    fig, ax = new_figure(width=7.0, height=3.5)
     _, bars = plot_stacked_bars(data, ax=ax, title=title, legend_x=1.17)  # right of the GPU-size ticks
     for g in gpu_sizes:
         ax.axhline(g, color="0.4", linestyle="--", linewidth=1)

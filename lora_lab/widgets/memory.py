@@ -12,9 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
 
-from ..plots.memory import (UNITS, breakdown_dict, new_figure, plot_stacked_bars, plot_timeline,
-                            stacked_bar_data, to_png, update_stacked_bars)
-from ._view import FigureView
+from ..plots._figure import new_figure, to_png
+from ..plots.memory import (UNITS, breakdown_dict, plot_stacked_bars, plot_timeline, stacked_bar_data,
+                            update_stacked_bars)
+from ._view import FigureView, e2e_slider
 
 GridKey = tuple[int, int, int]  # (r, batch_size, seq_len)
 
@@ -97,7 +98,7 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
         first = next(iter(grid))
     for n, v in zip(names, first):
         sliders[n].value = v
-    fig, ax = new_figure(6.0, 3.2)
+    fig, ax = new_figure(width=6.0, height=3.2)
     data = stacked_bar_data(grid[first], unit)
     _, bars = plot_stacked_bars(data, ax=ax, title="measured memory")
     ymax = max(stacked_bar_data(row, unit).totals.max() for row in grid.values())
@@ -106,7 +107,7 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
     image, readout = view.image, widgets.HTML()
     box = widgets.VBox([widgets.HBox(list(sliders.values())[:2]), sliders["seq_len"], image, readout])
     for s in sliders.values():
-        s.add_class("lora-lab-e2e")
+        e2e_slider(s)
 
     def redraw(_=None):
         key = tuple(sliders[n].value for n in names)
@@ -153,7 +154,7 @@ class MemoryDashboard:
         self.latest = {m: dict.fromkeys(self.categories, 0) for m in self.methods}
         self.timeline = {m: ([], []) for m in self.methods}
         self.cuda: dict[str, dict[str, int]] = {}
-        self.figure, (ax_bar, ax_line) = new_figure(9.0, 3.2, ncols=2)
+        self.figure, (ax_bar, ax_line) = new_figure(width=9.0, height=3.2, ncols=2)
         self.ax_bar, self.ax_line = ax_bar, ax_line
         _, self.bars = plot_stacked_bars(self.data(), ax=ax_bar, title="memory by category")
         _, self.lines = plot_timeline({m: ([], []) for m in self.methods}, ax=ax_line, unit=unit)

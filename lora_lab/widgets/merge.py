@@ -8,9 +8,9 @@ import ipywidgets as widgets
 import numpy as np
 import torch
 
-from ..plots.memory import PALETTE, new_figure
+from ..plots._figure import new_figure, palette_color
 from ..plots.merge import erasure, erasure_ratio, histogram
-from ._view import FigureView
+from ._view import FigureView, e2e_slider
 
 BINS = np.linspace(-3.0, 2.0, 51)  # log10(|ΔW| / threshold): from 1/1000 of the threshold to 100x it
 
@@ -39,12 +39,12 @@ def requant_explorer(table: Mapping[int, dict]) -> widgets.VBox:
     if not table:
         raise ValueError("the table is empty; build it with erasure_table({step: (weight, delta)}, ...).")
     steps = sorted(table)
-    slider = widgets.SelectionSlider(options=steps, value=steps[0], description="step", continuous_update=False)
-    slider.add_class("lora-lab-e2e")
-    fig, ax = new_figure(6.0, 3.0)
+    slider = e2e_slider(widgets.SelectionSlider(options=steps, value=steps[0], description="step",
+                                                continuous_update=False))
+    fig, ax = new_figure(width=6.0, height=3.0)
     centers, width = (BINS[:-1] + BINS[1:]) / 2, BINS[1] - BINS[0]
-    bars = ax.bar(centers, table[steps[0]]["hist"], width=width, color=PALETTE[0])
-    ax.axvline(0, color=PALETTE[5], linestyle="--", label="erase threshold")
+    bars = ax.bar(centers, table[steps[0]]["hist"], width=width, color=palette_color(0))
+    ax.axvline(0, color=palette_color(5), linestyle="--", label="erase threshold")
     ax.set_xlabel("log10(|ΔW| / (½ code gap × absmax))")
     ax.set_ylabel("fraction of entries")
     ax.set_ylim(0, max(float(t["hist"].max()) for t in table.values()) * 1.1)

@@ -15,7 +15,7 @@ import ipywidgets as widgets
 
 from ..plots.memory import update_stacked_bars
 from ..plots.scale import ALL_LINEAR, GPU_SIZES_GB, QV, estimate_bars_data, fits_on, plot_fit
-from ._view import FigureView
+from ._view import FigureView, e2e_slider
 
 TARGETS = {"q_proj, v_proj": QV, "all linear": ALL_LINEAR}
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -50,7 +50,7 @@ def _controls(presets, optimizers):
         "optimizer": widgets.Dropdown(options=list(optimizers), description="optimizer"),
     }
     for name in ("r", "batch_size", "seq_len"):
-        c[name].add_class("lora-lab-e2e")
+        e2e_slider(c[name])
     return c
 
 

@@ -5,10 +5,10 @@ parametrizing the `frontend` fixture with `lab_driver.LAB` (the default) or `lab
 
 Convention for notebook authors (the browser test relies on it):
 
-* A slider the browser test should move gets the CSS class ``lora-lab-e2e``::
+* A slider the browser test should move is marked with ``lora_lab.widgets.e2e_slider`` (it adds the
+  CSS class ``lora-lab-e2e``, `lab_driver.E2E_CLASS`)::
 
-      r_slider = widgets.IntSlider(value=4, min=1, max=64, description="r", continuous_update=False)
-      r_slider.add_class("lora-lab-e2e")
+      r_slider = e2e_slider(widgets.IntSlider(value=4, min=1, max=64, description="r", continuous_update=False))
 
 * Its figure is shown by the **same cell** that displays the slider, e.g. an ``Output`` in a
   ``VBox([slider, out])`` or ``interact``'s output. The test moves it a few steps (right, or

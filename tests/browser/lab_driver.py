@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-E2E_CLASS = "lora-lab-e2e"  # the CSS class a notebook adds to sliders the browser test moves
+from lora_lab.widgets import E2E_CLASS  # the CSS class `e2e_slider` adds to the sliders the browser test moves
+
 KEY_PRESSES = 3  # how many steps a slider is moved (arrow-key presses, or the same distance dragged)
 NOTEBOOK_TIMEOUT_S = 600  # Run All on the slowest notebook, on 2 busy cores
 FIGURE_TIMEOUT_S = 120  # one slider step may retrain a tiny model
@@ -353,7 +354,7 @@ def exercise(tab: NotebookTab, rel_path: str, saved_file: Path) -> list[str]:
     marked = tab.marked_sliders().count()
     if tab.slider_count() and not marked:
         return [f"{tab.slider_count()} slider(s) shown but none has the class {E2E_CLASS!r}; "
-                f'mark the one(s) that redraw a figure with slider.add_class("{E2E_CLASS}")']
+                f'mark the one(s) that redraw a figure with lora_lab.widgets.e2e_slider(slider)']
     for i in range(marked):
         move = tab.move_slider(i)
         tab.slider_moves.append(move)
