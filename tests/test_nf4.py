@@ -121,6 +121,19 @@ def test_dynamic_map_equals_bitsandbytes_create_dynamic_map():
 # ----------------------------------------------------------------------------------- rounding, packing
 
 
+def test_nearest_code_matches_brute_force_argmin():
+    code = nf4.nf4_codebook()
+    x = torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    brute = (x[:, None] - code[None, :]).abs().argmin(dim=1)
+    assert torch.equal(nf4.nearest_code(x, code).long(), brute)
+
+
+def test_nearest_code_sends_a_tie_to_the_lower_level():
+    code = nf4.nf4_codebook()
+    midpoint = (code[7] + code[8]) / 2
+    assert int(nf4.nearest_code(midpoint.reshape(1), code)) == 7
+
+
 def test_thresholds_are_midpoints_and_ties_go_to_the_lower_code():
     code = nf4.nf4_codebook()
     mids = (code[:-1] + code[1:]) / 2

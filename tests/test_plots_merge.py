@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.plots.merge import (TARGETS, block_absmax, erase_threshold, erasure, merge_errors,
+from lora_lab.plots.merge import (TARGETS, element_absmax, erase_threshold, erasure, merge_errors,
                                   plot_error_histograms)
 
 CODEBOOK = torch.linspace(-1, 1, 15)
@@ -64,9 +64,9 @@ def test_output_errors_are_inputs_times_weight_errors():
     torch.testing.assert_close(oerr[TARGETS[2]], (x @ werr[TARGETS[2]].view(16, 64).T).flatten(), atol=1e-6, rtol=0)
 
 
-def test_block_absmax_recovers_each_block_max():
+def test_element_absmax_recovers_each_block_max():
     w, _ = make(3, 0)
-    torch.testing.assert_close(block_absmax(Quantized(w).dequantize()).view(-1, BLOCK)[:, 0],
+    torch.testing.assert_close(element_absmax(Quantized(w).dequantize()).view(-1, BLOCK)[:, 0],
                                w.view(-1, BLOCK).abs().amax(1))
 
 

@@ -10,6 +10,7 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from lora_lab.nf4 import nearest_code  # noqa: E402
 from lora_lab.plots import quant as plots  # noqa: E402
 
 # The released NF4 levels (bitsandbytes get_4bit_type("nf4")), used as a fixed codebook here.
@@ -28,7 +29,7 @@ def absmax_quantizer(levels):
         for i in range(0, flat.numel(), blocksize):
             block = flat[i:i + blocksize]
             absmax = block.abs().max()
-            out[i:i + blocksize] = levels[plots.nearest_code(block / absmax, levels)] * absmax
+            out[i:i + blocksize] = levels[nearest_code(block / absmax, levels).long()] * absmax
         return out.reshape(w.shape)
     return quantize
 
@@ -42,17 +43,6 @@ def test_block_normalize_puts_each_block_max_at_one():
     torch.testing.assert_close(x.abs().amax(dim=1), torch.ones(64))
 
 
-def test_nearest_code_matches_brute_force_argmin():
-    x = torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    brute = (x[:, None] - NF4[None, :]).abs().argmin(dim=1)
-    assert torch.equal(plots.nearest_code(x, NF4), brute)
-
-
-def test_nearest_code_sends_a_tie_to_the_lower_level():
-    midpoint = (NF4[7] + NF4[8]) / 2
-    assert int(plots.nearest_code(midpoint.reshape(1), NF4)) == 7
-
-
 @settings(max_examples=10, deadline=None)
 @given(n_codes=st.integers(2, 16))
 def test_entropy_is_log2_n_for_uniform_use(n_codes):
@@ -63,7 +53,7 @@ def test_entropy_is_log2_n_for_uniform_use(n_codes):
 def test_lloyd_max_lowers_the_mse_of_nf4_on_normal_weights():
     x = plots.block_normalize(_weights(16384), 64)
     lloyd = plots.lloyd_max(x, NF4)
-    mse = lambda levels: float(((levels[plots.nearest_code(x, levels)] - x) ** 2).mean())  # noqa: E731
+    mse = lambda levels: float(((levels[nearest_code(x, levels).long()] - x) ** 2).mean())  # noqa: E731
     assert mse(lloyd) < mse(NF4)
     assert lloyd[0] == -1 and lloyd[-1] == 1 and (lloyd == 0).any()
 
@@ -127,7 +117,7 @@ def test_static_figures_build_with_one_artist_per_quantizer():
     x = plots.block_normalize(_weights(), 64)
     fig, artists = plots.plot_levels_over_hist(x, {"NF4": NF4, "int4": INT4})
     assert set(artists["rows"]) == {"NF4", "int4"}
-    occ = {"NF4": plots.code_occupancy(plots.nearest_code(x, NF4))}
+    occ = {"NF4": plots.code_occupancy(nearest_code(x, NF4))}
     fig, artists = plots.plot_occupancy(occ)
     np.testing.assert_allclose([b.get_height() for b in artists["bars"]["NF4"]], occ["NF4"])
     fig, artists = plots.plot_blocksize_errors([64, 256], {"a": [0.1, 0.2]})

@@ -8,6 +8,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lora_lab.nf4 import nearest_code  # noqa: E402
 from lora_lab.plots import quant as plots  # noqa: E402
 from lora_lab.widgets import quant as widgets  # noqa: E402
 
@@ -19,7 +20,7 @@ def quantizer(levels):
     def quantize(w, blocksize):
         blocks = w.reshape(-1, blocksize).float()
         absmax = blocks.abs().amax(dim=1, keepdim=True)
-        return (levels[plots.nearest_code(blocks / absmax, levels)] * absmax).reshape(w.shape)
+        return (levels[nearest_code(blocks / absmax, levels).long()] * absmax).reshape(w.shape)
     return quantize
 
 

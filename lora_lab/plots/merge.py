@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..nf4 import nearest_code
 from ._figure import new_figure, palette_color
 
 TARGETS = ("a: W16 + ΔW", "b: dequant(NF4 W) + ΔW", "c: NF4(b), requantized")
@@ -55,9 +56,10 @@ def merge_errors(weight, delta, quantize: Callable, x: torch.Tensor | None = Non
     return weight_err, out_err
 
 
-def block_absmax(w_dq: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+def element_absmax(w_dq: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     """Each element's block absmax, recovered from a dequantized weight (the block's largest |value| is ±absmax
-    exactly, because its code is ±1). Same shape as `w_dq`."""
+    exactly, because its code is ±1). Same shape as `w_dq`; `QuantizedWeight.block_absmax()` is the (n_blocks,)
+    version read from the quantized state itself."""
     flat = w_dq.detach().float().flatten()
     pad = (-flat.numel()) % blocksize
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
@@ -68,9 +70,9 @@ def block_absmax(w_dq: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 def codes_of(w_dq: torch.Tensor, codebook: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     """Index (into the sorted codebook) of each element of a dequantized weight: nearest code to w / absmax."""
     cb = codebook.float().sort().values
-    absmax = block_absmax(w_dq, blocksize)
+    absmax = element_absmax(w_dq, blocksize)
     v = torch.where(absmax > 0, w_dq.float() / absmax.clamp_min(1e-30), torch.zeros_like(absmax))
-    return (v.unsqueeze(-1) - cb).abs().argmin(dim=-1)
+    return nearest_code(v, cb).long()
 
 
 def erase_threshold(w_dq: torch.Tensor, delta: torch.Tensor, codebook: torch.Tensor, blocksize: int = 64):
@@ -80,7 +82,7 @@ def erase_threshold(w_dq: torch.Tensor, delta: torch.Tensor, codebook: torch.Ten
     cb = codebook.float().sort().values
     idx = codes_of(w_dq, cb, blocksize)
     nb = (idx + torch.where(delta >= 0, 1, -1)).clamp(0, len(cb) - 1)
-    return (cb[nb] - cb[idx]).abs() / 2 * block_absmax(w_dq, blocksize)
+    return (cb[nb] - cb[idx]).abs() / 2 * element_absmax(w_dq, blocksize)
 
 
 def _dequantized(quantize: Callable, w: torch.Tensor, blocksize: int) -> torch.Tensor:

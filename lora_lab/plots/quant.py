@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from ..nf4 import nearest_code
 from ._figure import COLORS, new_figure, palette_color
 
 ERROR_RANGE = 0.3  # histogram x-range of the error, in units of the weights' standard deviation
@@ -27,12 +28,6 @@ def block_normalize(w: torch.Tensor, blocksize: int) -> torch.Tensor:
         block = flat[start:start + blocksize]
         out[start:start + blocksize] = block / block.abs().max().clamp(min=1e-38)
     return out
-
-
-def nearest_code(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest level for each x (levels sorted ascending); a tie takes the lower level."""
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(x, midpoints, right=False)
 
 
 def code_occupancy(codes: torch.Tensor, n_codes: int = 16) -> np.ndarray:
@@ -58,7 +53,7 @@ def lloyd_max(x: torch.Tensor, levels: torch.Tensor, iters: int = 30) -> torch.T
     x = x.double()
     fixed = (levels.abs() == 1) | (levels == 0)
     for _ in range(iters):
-        codes = nearest_code(x, levels)
+        codes = nearest_code(x, levels).long()  # the quantizer's rounding (`lora_lab.nf4`), as indices
         sums = torch.zeros_like(levels).index_add_(0, codes, x)
         counts = torch.bincount(codes, minlength=len(levels)).double()
         moved = torch.where(counts > 0, sums / counts.clamp(min=1), levels)

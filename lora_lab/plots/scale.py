@@ -15,7 +15,8 @@ from ._figure import new_figure
 from .memory import UNITS, breakdown_dict, plot_stacked_bars, stacked_bar_data
 
 GPU_SIZES_GB = (24, 48, 80)
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Llama's linear layers by name: in a Llama model, what PEFT's "all-linear" (`lora_lab.lora.ALL_LINEAR`) selects.
+LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QV = ("q_proj", "v_proj")
 
 
@@ -58,7 +59,8 @@ class PaperFigure(NamedTuple):
     note: str
 
 
-_QLORA_G = dict(r=64, target_modules=ALL_LINEAR, batch_size=1, seq_len=512, gradient_checkpointing=True)
+_QLORA_G = dict(r=64, target_modules=LLAMA_LINEAR_NAMES, batch_size=1, seq_len=512,
+                gradient_checkpointing=True)
 
 PAPER_FIGURES = (
     PaperFigure("GPT-3 175B trainable params, r=4 on q,v", "LoRA Table 15", 18.8e6, "params", "gpt3-175b", "lora",

@@ -5,13 +5,12 @@ from __future__ import annotations
 import ipywidgets as widgets
 import torch
 
+from ..nf4 import NF4_OFFSET
 from ..plots import quant as plots
 from ._view import FigureView, e2e_slider
 
-BNB_OFFSET = 0.9677083  # bitsandbytes' create_normal_map default
 
-
-def offset_explorer(codebook_fn, reference: torch.Tensor, offset: float = BNB_OFFSET) -> widgets.VBox:
+def offset_explorer(codebook_fn, reference: torch.Tensor, offset: float = NF4_OFFSET) -> widgets.VBox:
     """Slide the NF4 offset (the probability of the outermost quantile) and watch the 16 levels move.
 
     Args:

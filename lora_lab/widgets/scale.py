@@ -14,10 +14,10 @@ from fractions import Fraction
 import ipywidgets as widgets
 
 from ..plots.memory import update_stacked_bars
-from ..plots.scale import ALL_LINEAR, GPU_SIZES_GB, QV, estimate_bars_data, fits_on, plot_fit
+from ..plots.scale import GPU_SIZES_GB, LLAMA_LINEAR_NAMES, QV, estimate_bars_data, fits_on, plot_fit
 from ._view import FigureView, e2e_slider
 
-TARGETS = {"q_proj, v_proj": QV, "all linear": ALL_LINEAR}
+TARGETS = {"q_proj, v_proj": QV, "all linear": LLAMA_LINEAR_NAMES}
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 SEQ_LENS = (128, 256, 512, 1024, 2048)  # every preset has at least 2048 positions
