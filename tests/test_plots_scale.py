@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from lora_lab.plots.scale import (PAPER_FIGURES, comparison_markdown, estimate_bars_data, fits_on, paper_comparison,
+from lora_lab.plots import paper_table
+from lora_lab.plots.scale import (COMPARISON_HEADER, PAPER_FIGURES, estimate_bars_data, fits_on, paper_comparison,
                                   plot_fit)
 
 GiB = 2**30
@@ -44,5 +45,5 @@ def test_paper_comparison_converts_to_paper_units():
     assert by_claim["GPT-3 175B adapter checkpoint, r=4 on q,v"].estimated == pytest.approx(37.748736)
     assert by_claim["LLaMA 65B QLoRA, total"].ratio == pytest.approx(1.0)
     assert by_claim["LLaMA 7B, 4-bit base model"].ratio == pytest.approx(1.0)  # read from the breakdown
-    table = comparison_markdown(rows)
+    table = paper_table([row.cells for row in rows], header=COMPARISON_HEADER).data
     assert table.count("\n") == len(rows) + 1 and "| 18.9 M |" in table

@@ -103,6 +103,9 @@ def read_field(est, field: str) -> float:
     return float(getattr(est, field))
 
 
+COMPARISON_HEADER = ("claim", "source", "paper", "estimate", "estimate / paper", "note")
+
+
 class ComparisonRow(NamedTuple):
     figure: PaperFigure
     estimated: float  # in figure.unit
@@ -111,6 +114,13 @@ class ComparisonRow(NamedTuple):
     def ratio(self) -> float:
         """estimated / paper."""
         return self.estimated / self.figure.paper_value
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        """The row as `COMPARISON_HEADER`'s columns, for `lora_lab.plots.paper_table`."""
+        f = self.figure
+        return (f.claim, f.source, _fmt(f.paper_value, f.unit), _fmt(self.estimated, f.unit), f"{self.ratio:.2f}",
+                f.note)
 
 
 def paper_comparison(estimate: Callable[..., object],
@@ -125,13 +135,3 @@ def paper_comparison(estimate: Callable[..., object],
 
 def _fmt(value: float, unit: str) -> str:
     return f"{value / 1e6:,.1f} M" if unit == "params" else f"{value:,.1f} {unit}"
-
-
-def comparison_markdown(rows: Sequence[ComparisonRow]) -> str:
-    """A Markdown table: claim | source | paper | estimate | estimate / paper | note."""
-    lines = ["| claim | source | paper | estimate | estimate / paper | note |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        f = row.figure
-        lines.append(f"| {f.claim} | {f.source} | {_fmt(f.paper_value, f.unit)} | {_fmt(row.estimated, f.unit)} "
-                     f"| {row.ratio:.2f} | {f.note} |")
-    return "\n".join(lines)
