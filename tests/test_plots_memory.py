@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.plots import to_png
-from lora_lab.plots.memory import (breakdown_dict, loss_curve_data, plot_loss_curves, plot_stacked_bars,
-                                   plot_timeline, stacked_bar_data, update_stacked_bars)
+from lora_lab.plots.memory import (breakdown_dict, loss_curve_data, plot_dashboard, plot_fixed_bars, plot_loss_curves,
+                                   plot_stacked_bars, plot_timeline, stacked_bar_data, update_stacked_bars)
 
 CATS = ("weights", "trainable", "gradients", "optimizer", "activations")
 
@@ -88,3 +88,18 @@ def test_loss_curves_from_history_or_list():
     np.testing.assert_array_equal(data["lora"][0], [1, 2, 3])
     _, lines = plot_loss_curves({"lora": H()}, smooth=2)
     np.testing.assert_allclose(lines["lora"].get_ydata(), [2.5, 1.5])
+
+
+def test_fixed_bars_keep_their_axis_when_the_bars_move():
+    fig, ax, bars = plot_fixed_bars(stacked_bar_data({"lora": fake(1), "full": fake(2)}), ymax=100.0)
+    assert ax.get_ylim() == pytest.approx((0, 115.0))
+    update_stacked_bars(bars, stacked_bar_data({"lora": fake(3), "full": fake(4)}))
+    assert ax.get_ylim() == pytest.approx((0, 115.0))
+    assert bars["activations"][1].get_height() == pytest.approx(20)
+
+
+def test_dashboard_figure_has_bars_per_method_and_an_empty_line_per_method():
+    fig, (ax_bar, ax_line), bars, lines = plot_dashboard(stacked_bar_data({"full": fake(1), "qlora": fake(0)}))
+    assert fig.axes[:2] == [ax_bar, ax_line]
+    assert set(bars) == set(CATS) and len(bars["weights"]) == 2
+    assert list(lines) == ["full", "qlora"] and all(len(line.get_xdata()) == 0 for line in lines.values())

@@ -10,13 +10,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.plots.merge import (TARGETS, element_absmax, erase_threshold, erasure, merge_errors,
-                                  plot_error_histograms)
+                                  plot_erasure_histogram, plot_error_histograms, update_erasure_histogram)
 
 CODEBOOK = torch.linspace(-1, 1, 15)
 BLOCK = 64
@@ -124,3 +125,16 @@ def test_erasure_rejects_a_quantizer_with_another_blocksize():
     with pytest.raises(ValueError, match="blocksize"):
         erasure(w, 1e-3 * w, quantize_nf4, nf4_codebook(), blocksize=256)  # quantize_nf4's default is 64
     erasure(w, 1e-3 * w, functools.partial(quantize_nf4, blocksize=256), nf4_codebook(), blocksize=256)
+
+
+def test_erasure_histogram_fixes_its_axis_over_all_steps_and_moves_only_bars():
+    bins = np.linspace(-3.0, 2.0, 6)
+    hists = [np.array([0.5, 0.3, 0.2, 0.0, 0.0]), np.array([0.0, 0.1, 0.2, 0.3, 0.4])]
+    fig, bars = plot_erasure_histogram(hists, bins)
+    ax = fig.axes[0]
+    assert [r.get_height() for r in bars] == pytest.approx(list(hists[0]))
+    assert ax.get_ylim() == pytest.approx((0, 0.5 * 1.1))
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [0]  # the erase threshold
+    update_erasure_histogram(bars, hists[1])
+    assert [r.get_height() for r in bars] == pytest.approx(list(hists[1]))
+    assert ax.get_ylim() == pytest.approx((0, 0.5 * 1.1))

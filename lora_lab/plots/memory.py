@@ -98,6 +98,15 @@ def update_stacked_bars(bars: Mapping, data: StackedBars, ax=None, headroom: flo
         ax.set_ylim(0, max(float(bottom.max()), 1e-9) * headroom)
 
 
+def plot_fixed_bars(data: StackedBars, ymax: float, title: str | None = None, headroom: float = 1.15):
+    """Stacked bars on a y axis fixed at [0, headroom · ymax], where `ymax` is the largest total a widget will show,
+    so heights compare across slider moves and a redraw moves only the bars. Returns (figure, axis, bars)."""
+    fig, ax = new_figure(width=6.0, height=3.2)
+    _, bars = plot_stacked_bars(data, ax=ax, title=title)
+    ax.set_ylim(0, ymax * headroom)
+    return fig, ax, bars
+
+
 def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax=None, unit: str = "MiB",
                   marker: str = "o"):
     """Lines of memory against training step; `series[name] = (steps, bytes)`. Returns (figure, {name: Line2D}).
@@ -116,6 +125,16 @@ def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     ax.set_ylabel(f"memory ({unit})")
     ax.legend(fontsize=8)
     return fig, lines
+
+
+def plot_dashboard(data: StackedBars, unit: str = "MiB"):
+    """The live dashboard's figure: stacked bars per method (left) and, per method, an empty line of total memory
+    against step (right) for the dashboard to extend. Returns (figure, (bar axis, line axis), bars, lines)."""
+    fig, (ax_bar, ax_line) = new_figure(width=9.0, height=3.2, ncols=2)
+    _, bars = plot_stacked_bars(data, ax=ax_bar, title="memory by category")
+    _, lines = plot_timeline({m: ([], []) for m in data.labels}, ax=ax_line, unit=unit)
+    ax_line.set_title("total memory (markers: measured steps)", fontsize=10)
+    return fig, (ax_bar, ax_line), bars, lines
 
 
 def loss_curve_data(histories: Mapping[str, object]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -13,7 +13,7 @@ and the three usual merge targets differ from it by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -146,3 +146,27 @@ def plot_error_histograms(weight_err: Mapping[str, torch.Tensor], out_err: Mappi
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7)
     return fig, axes
+
+
+def plot_erasure_histogram(hists: Sequence[np.ndarray], bins: np.ndarray):
+    """Bars of the fraction of ΔW's entries in each bin of log10(|ΔW| / threshold), showing ``hists[0]``, with the
+    erase threshold dashed at 0 (left of it, requantizing rounds the entry back to its old code).
+
+    The y axis holds the tallest of `hists` and stays fixed, so `update_erasure_histogram` moves only the bars.
+    Returns (figure, bars).
+    """
+    fig, ax = new_figure(width=6.0, height=3.0)
+    centers, width = (bins[:-1] + bins[1:]) / 2, bins[1] - bins[0]
+    bars = ax.bar(centers, hists[0], width=width, color=palette_color(0))
+    ax.axvline(0, color=palette_color(5), linestyle="--", label="erase threshold")
+    ax.set_xlabel("log10(|ΔW| / (½ code gap × absmax))")
+    ax.set_ylabel("fraction of entries")
+    ax.set_ylim(0, max(float(h.max()) for h in hists) * 1.1)
+    ax.legend(fontsize=8)
+    return fig, bars
+
+
+def update_erasure_histogram(bars, hist: np.ndarray) -> None:
+    """Set the bars drawn by `plot_erasure_histogram` to the fractions `hist` (same bins)."""
+    for rect, h in zip(bars, hist):
+        rect.set_height(h)

@@ -12,9 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
 
-from ..plots._figure import new_figure, to_png
-from ..plots.memory import (UNITS, breakdown_dict, plot_stacked_bars, plot_timeline, stacked_bar_data,
-                            update_stacked_bars)
+from ..plots._figure import to_png
+from ..plots.memory import UNITS, breakdown_dict, plot_dashboard, plot_fixed_bars, stacked_bar_data, update_stacked_bars
 from ._view import FigureView, e2e_slider
 
 GridKey = tuple[int, int, int]  # (r, batch_size, seq_len)
@@ -98,11 +97,8 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
         first = next(iter(grid))
     for n, v in zip(names, first):
         sliders[n].value = v
-    fig, ax = new_figure(width=6.0, height=3.2)
-    data = stacked_bar_data(grid[first], unit)
-    _, bars = plot_stacked_bars(data, ax=ax, title="measured memory")
-    ymax = max(stacked_bar_data(row, unit).totals.max() for row in grid.values())
-    ax.set_ylim(0, ymax * 1.15)  # fixed axis over the whole grid, so bar heights compare across moves
+    ymax = max(stacked_bar_data(row, unit).totals.max() for row in grid.values())  # the axis holds the whole grid
+    fig, _, bars = plot_fixed_bars(stacked_bar_data(grid[first], unit), ymax, title="measured memory")
     view = FigureView(fig, animated=[rect for container in bars.values() for rect in container])
     image, readout = view.image, widgets.HTML()
     box = widgets.VBox([widgets.HBox(list(sliders.values())[:2]), sliders["seq_len"], image, readout])
@@ -154,11 +150,7 @@ class MemoryDashboard:
         self.latest = {m: dict.fromkeys(self.categories, 0) for m in self.methods}
         self.timeline = {m: ([], []) for m in self.methods}
         self.cuda: dict[str, dict[str, int]] = {}
-        self.figure, (ax_bar, ax_line) = new_figure(width=9.0, height=3.2, ncols=2)
-        self.ax_bar, self.ax_line = ax_bar, ax_line
-        _, self.bars = plot_stacked_bars(self.data(), ax=ax_bar, title="memory by category")
-        _, self.lines = plot_timeline({m: ([], []) for m in self.methods}, ax=ax_line, unit=unit)
-        ax_line.set_title("total memory (markers: measured steps)", fontsize=10)
+        self.figure, (self.ax_bar, self.ax_line), self.bars, self.lines = plot_dashboard(self.data(), unit)
         self.image, self.readout = widgets.Image(format="png"), widgets.HTML()
         self.widget = widgets.VBox([self.image, self.readout])
         self._last_draw = 0.0

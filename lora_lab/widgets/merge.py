@@ -8,8 +8,7 @@ import ipywidgets as widgets
 import numpy as np
 import torch
 
-from ..plots._figure import new_figure, palette_color
-from ..plots.merge import erasure, erasure_ratio, histogram
+from ..plots.merge import erasure, erasure_ratio, histogram, plot_erasure_histogram, update_erasure_histogram
 from ._view import FigureView, e2e_slider
 
 BINS = np.linspace(-3.0, 2.0, 51)  # log10(|ΔW| / threshold): from 1/1000 of the threshold to 100x it
@@ -41,22 +40,14 @@ def requant_explorer(table: Mapping[int, dict]) -> widgets.VBox:
     steps = sorted(table)
     slider = e2e_slider(widgets.SelectionSlider(options=steps, value=steps[0], description="step",
                                                 continuous_update=False))
-    fig, ax = new_figure(width=6.0, height=3.0)
-    centers, width = (BINS[:-1] + BINS[1:]) / 2, BINS[1] - BINS[0]
-    bars = ax.bar(centers, table[steps[0]]["hist"], width=width, color=palette_color(0))
-    ax.axvline(0, color=palette_color(5), linestyle="--", label="erase threshold")
-    ax.set_xlabel("log10(|ΔW| / (½ code gap × absmax))")
-    ax.set_ylabel("fraction of entries")
-    ax.set_ylim(0, max(float(t["hist"].max()) for t in table.values()) * 1.1)
-    ax.legend(fontsize=8)
+    fig, bars = plot_erasure_histogram([table[s]["hist"] for s in steps], BINS)
     view = FigureView(fig, animated=list(bars))
     image, readout = view.image, widgets.HTML()
     box = widgets.VBox([slider, image, readout])
 
     def redraw(_=None):
         box.current = table[slider.value]
-        for rect, h in zip(bars, box.current["hist"]):
-            rect.set_height(h)
+        update_erasure_histogram(bars, box.current["hist"])
         view.refresh()  # fixed axes: only the bars are redrawn (blitting)
         s = box.current["summary"]
         readout.value = (f"step {slider.value}: {s.erased:.1%} of ΔW's entries erased by requantization "
