@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
 
-from ..plots._figure import to_png
+from ..plots import to_png
 from ..plots.memory import UNITS, breakdown_dict, plot_dashboard, plot_fixed_bars, stacked_bar_data, update_stacked_bars
 from ._view import FigureView, e2e_slider
 
