@@ -11,7 +11,7 @@ import pytest
 
 from lora_lab.plots import paper_table
 from lora_lab.plots.scale import (COMPARISON_HEADER, PAPER_FIGURES, estimate_bars_data, fits_on, paper_comparison,
-                                  plot_fit)
+                                  plot_fit, plot_fit_explorer, update_fit)
 
 GiB = 2**30
 
@@ -28,6 +28,17 @@ def test_fit_plot_draws_one_line_per_gpu():
     fig, ax, bars = plot_fit(data, gpu_sizes=(24, 48))
     assert sorted(line.get_ydata()[0] for line in ax.get_lines()) == [24, 48]
     assert bars["a"][0].get_y() == 30
+
+
+def test_fit_explorer_figure_keeps_its_axis_and_labels_clipped_bars():
+    data = estimate_bars_data({"lora": {"w": 30 * GiB}, "full": {"w": 150 * GiB}})
+    fig, ax, bars, labels = plot_fit_explorer(data, gpu_sizes=(24, 80))
+    assert ax.get_ylim() == pytest.approx((0, 100))  # 1.25 x the largest GPU
+    assert [label.get_text() for label in labels] == ["", ""]
+    update_fit(ax, bars, labels, data)
+    assert [label.get_text() for label in labels] == ["30.0 GiB", "150.0 GiB (clipped)"]
+    assert labels[1].get_position()[1] == pytest.approx(93)  # inside the axes, not above it
+    assert ax.get_ylim() == pytest.approx((0, 100)) and bars["w"][1].get_height() == 150
 
 
 def test_paper_comparison_converts_to_paper_units():

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ._figure import new_figure
-from .memory import UNITS, breakdown_dict, plot_stacked_bars, stacked_bar_data
+from .memory import UNITS, breakdown_dict, plot_stacked_bars, stacked_bar_data, update_stacked_bars
 
 GPU_SIZES_GB = (24, 48, 80)
 # Llama's linear layers by name: in a Llama model, what PEFT's "all-linear" (`lora_lab.lora.ALL_LINEAR`) selects.
@@ -39,6 +39,28 @@ def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None 
     right = ax.secondary_yaxis("right")  # GPU sizes as ticks on the right edge: never hidden behind a bar
     right.set_yticks(list(gpu_sizes), [f"{g:g} GB GPU" for g in gpu_sizes], fontsize=8)
     return fig, ax, bars
+
+
+def plot_fit_explorer(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None = None,
+                      headroom: float = 1.25):
+    """`plot_fit` on a y axis fixed at `headroom` times the largest GPU, with an (empty) total label per bar.
+
+    The axis is fixed so that `update_fit` moves only bars and labels; a bar above it is clipped and its label
+    says so. Returns (figure, axis, {category: bars}, [label per bar]).
+    """
+    fig, ax, bars = plot_fit(data, gpu_sizes, title=title)
+    ax.set_ylim(0, headroom * max(gpu_sizes))
+    labels = [ax.text(i, 0, "", ha="center", va="bottom", fontsize=8) for i in range(len(data.labels))]
+    return fig, ax, bars, labels
+
+
+def update_fit(ax, bars, labels, data) -> None:
+    """Show `data` (same labels and categories) in a figure from `plot_fit_explorer`: bar heights and total labels."""
+    update_stacked_bars(bars, data)
+    top = ax.get_ylim()[1]
+    for label, total in zip(labels, data.totals):
+        label.set_position((label.get_position()[0], min(total, 0.93 * top)))
+        label.set_text(f"{total:,.1f} GiB" + (" (clipped)" if total > top else ""))
 
 
 class PaperFigure(NamedTuple):

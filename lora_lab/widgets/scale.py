@@ -13,8 +13,8 @@ from fractions import Fraction
 
 import ipywidgets as widgets
 
-from ..plots.memory import update_stacked_bars
-from ..plots.scale import GPU_SIZES_GB, LLAMA_LINEAR_NAMES, QV, estimate_bars_data, fits_on, plot_fit
+from ..plots.scale import (GPU_SIZES_GB, LLAMA_LINEAR_NAMES, QV, estimate_bars_data, fits_on, plot_fit_explorer,
+                           update_fit)
 from ._view import FigureView, e2e_slider
 
 TARGETS = {"q_proj, v_proj": QV, "all linear": LLAMA_LINEAR_NAMES}
@@ -80,10 +80,7 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
     def data():
         return estimate_bars_data({m: est(controls["preset"].value, m, **_kwargs(controls)) for m in methods})
 
-    fig, ax, bars = plot_fit(data(), gpu_sizes, title="estimated training memory")
-    top = 1.25 * max(gpu_sizes)
-    ax.set_ylim(0, top)  # fixed, so a move redraws only bars and labels; taller bars are clipped and labelled
-    labels = [ax.text(i, 0, "", ha="center", va="bottom", fontsize=8) for i in range(len(methods))]
+    fig, ax, bars, labels = plot_fit_explorer(data(), gpu_sizes, title="estimated training memory")
     view = FigureView(fig, animated=[r for c in bars.values() for r in c] + labels)
     image, readout = view.image, widgets.HTML()
     c = controls
@@ -96,10 +93,7 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
         except ValueError as err:  # a setting this model cannot run (e.g. seq_len above its positions): say so
             readout.value = f"<b>{err}</b>"
             return
-        update_stacked_bars(bars, box.current)
-        for label, total in zip(labels, box.current.totals):
-            label.set_position((label.get_position()[0], min(total, 0.93 * top)))
-            label.set_text(f"{total:,.1f} GiB" + (" (clipped)" if total > top else ""))
+        update_fit(ax, bars, labels, box.current)
         view.refresh()
         readout.value = "<br>".join(
             f"<b>{m}</b>: {t:,.1f} GiB &rarr; fits on: "
