@@ -32,7 +32,8 @@ class LoraConfig:
         target_modules: Module-name suffixes (``("q_proj", "v_proj")`` matches ``model.layers.0.self_attn.q_proj``
             at a ``.`` boundary), a regex string matched with ``re.fullmatch`` against full names, or
             ``"all-linear"`` (every linear layer except the output head, see `output_head_names`, and the
-            ``out_proj`` of an ``nn.MultiheadAttention``, which never calls it).
+            ``out_proj`` of an ``nn.MultiheadAttention``, which never calls it). The default is what PEFT's
+            ``target_modules=None`` picks for a Llama model.
         use_rslora: Use rank-stabilized scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv 2312.03732).
         bias: ``"none"`` (all biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of the
             wrapped layers train).

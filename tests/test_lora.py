@@ -144,6 +144,9 @@ def test_defaults_are_peft_defaults():
     fields = ("r", "lora_alpha", "lora_dropout", "bias", "use_rslora")
     theirs = peft.LoraConfig()
     assert {f: getattr(LoraConfig(), f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_targets
+
+    assert list(LoraConfig().target_modules) == peft_targets["llama"]  # what target_modules=None picks for Llama
     layer = LoRALinear(nn.Linear(16, 16))  # the layer's defaults are the config's
     assert (layer.r, layer.lora_alpha, layer.scaling) == (theirs.r, theirs.lora_alpha, 1.0)
 
