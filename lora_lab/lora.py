@@ -96,8 +96,8 @@ class LoRALinear(nn.Module):
 
     Args:
         base_layer: The layer to adapt (``nn.Linear`` or a linear-like module); it is frozen in place.
-        r: Rank of the update, ``1 <= r <= min(in_features, out_features)``.
-        lora_alpha: Scaling numerator (`LoraConfig`'s default, 8); ``lora_alpha = r`` gives scaling 1.
+        r: Rank of the update, ``1 <= r <= min(in_features, out_features)`` (default 8, as in `LoraConfig`).
+        lora_alpha: Scaling numerator (default 8, as in `LoraConfig`); ``lora_alpha = r`` gives scaling 1.
         lora_dropout: Dropout probability on the adapter's input, in ``[0, 1)``.
         use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
     """

@@ -211,7 +211,7 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False):
     full = sorted(set(all_layers) - set(layers))
     if full:
         raise ValueError(f"The model mixes 4-bit LoRA layers with full-precision ones such as {full[0]!r}; "
-                         "merge_and_unload handles one kind at a time. Unload the full-precision ones first.")
+                         "merge_and_unload merges one kind at a time: quantize all targets (apply_qlora) or none.")
     errors = ({}, {}, {})
     new = {}
     with torch.no_grad():
