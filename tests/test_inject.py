@@ -1,5 +1,7 @@
 """Invariants of lora_lab.inject: target matching, the output head, freezing, merge_lora, unload."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -215,7 +217,6 @@ def test_unload_drops_the_adapters_without_merging():
 
 def test_unload_and_merge_and_unload_match_peft():
     peft = pytest.importorskip("peft", reason="compares unload and merge_and_unload with PEFT's")
-    import copy
 
     torch.manual_seed(0)
     base = TinyLM()
@@ -228,12 +229,15 @@ def test_unload_and_merge_and_unload_match_peft():
             peft_layer = theirs.base_model.model.get_submodule(name)
             peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
             peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    merged_ours, merged_theirs = merge_lora(copy.deepcopy(ours)), copy.deepcopy(theirs)
+    merged_theirs.merge_adapter()
     for ours_out, theirs_out in [(unload(copy.deepcopy(ours)), copy.deepcopy(theirs).unload()),
-                                 (merge_and_unload(copy.deepcopy(ours)), copy.deepcopy(theirs).merge_and_unload())]:
+                                 (merge_and_unload(copy.deepcopy(ours)), copy.deepcopy(theirs).merge_and_unload()),
+                                 (unload(merged_ours), merged_theirs.unload())]:  # a merged layer keeps its update
         mine, peft_state = ours_out.state_dict(), theirs_out.state_dict()
         assert mine.keys() == peft_state.keys()
-        for key in mine:  # the same fp32 products, added to the same weights
-            torch.testing.assert_close(mine[key], peft_state[key], rtol=0, atol=1e-7)
+        for key in mine:  # bit for bit: the same fp32 product B @ A, scaled, added to the same weights
+            assert torch.equal(mine[key], peft_state[key]), key
 
 
 def tied_lm():
