@@ -212,6 +212,11 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False):
     if full:
         raise ValueError(f"The model mixes 4-bit LoRA layers with full-precision ones such as {full[0]!r}; "
                          "merge_and_unload merges one kind at a time: quantize all targets (apply_qlora) or none.")
+    return _merge_quantized_and_unload(model, layers, requantize)
+
+
+def _merge_quantized_and_unload(model: nn.Module, layers: dict[str, LoRALinear], requantize: bool):
+    """Merge every layer (and requantize) into new modules first; only then swap them in."""
     errors = ({}, {}, {})
     new = {}
     with torch.no_grad():
