@@ -54,7 +54,7 @@ def peft_model(base, method, directory, device):
             bnb_4bit_compute_dtype=torch.float32)
         kwargs["device_map"] = {"": device}
     hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).to(device)
-    config = LoraConfig()
+    config = LoraConfig(lora_alpha=16)
     peft_config = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                   target_modules=list(config.target_modules))
     torch.manual_seed(0)

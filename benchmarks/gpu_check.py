@@ -119,7 +119,7 @@ def memory_rows(name: str, config: LlamaConfig | None, device: str, dtype: torch
             with torch.device(device):
                 model = LlamaForCausalLM(cfg)
         model = model.to(device, dtype)
-        lora = None if method == "full" else LoraConfig()
+        lora = None if method == "full" else LoraConfig(lora_alpha=16)
         prepare_model(model, method, lora, {"compute_dtype": dtype} if method == "qlora" else None)
         model.to(device)
         optimizer = make_optimizer(model, "adamw", 1e-4)

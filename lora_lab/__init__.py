@@ -8,8 +8,8 @@ Each module holds one concept (see README, "The package"). The names users touch
 __version__ = "0.1.0"
 
 # Public API: each module adds its own line below.
-from .lora import (LoraConfig, LoRALinear, LoRALayer, ParameterCount, apply_lora, count_parameters,  # noqa: F401
-                   lora_layers, merge_lora, unload, unmerge_lora)
+from .lora import LoraConfig, LoRALinear, LoRALayer, ParameterCount, count_parameters  # noqa: F401
+from .inject import apply_lora, lora_layers, merge_lora, unload, unmerge_lora  # noqa: F401
 from .adapter import load_adapter, save_adapter  # noqa: F401
 from .model import LlamaConfig, LlamaForCausalLM, generate, load_base_model  # noqa: F401
 from .data import get_tokenizer, load_task, pretraining_corpus  # noqa: F401

@@ -17,8 +17,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safetensors
-from .lora import (ALL_LINEAR, LoraConfig, LoRALinear, _is_linear_like, _is_transformers_model, _target_matches,
-                   apply_lora, lora_layers, lora_targets, output_head_names)
+from .inject import apply_lora, is_transformers_model, lora_layers, lora_targets, output_head_names, target_matches
+from .lora import ALL_LINEAR, LoraConfig, LoRALinear, is_linear_like
 from .model import LlamaForCausalLM
 
 CONFIG_NAME = "adapter_config.json"
@@ -156,7 +156,7 @@ def _task_type(model: nn.Module) -> str | None:
     """``"CAUSAL_LM"`` for the kit's causal LM and transformers' causal LMs (their auto-class list), else None."""
     if isinstance(model, LlamaForCausalLM):
         return "CAUSAL_LM"
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
@@ -212,8 +212,8 @@ def _targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], t
     inside = tuple(f"{name}." for name in wrapped)
     names = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
-        return [n for n in names if _target_matches(targets, n)]
-    linear = [n for n in names if n in wrapped or _is_linear_like(model.get_submodule(n))]
+        return [n for n in names if target_matches(targets, n)]
+    linear = [n for n in names if n in wrapped or is_linear_like(model.get_submodule(n))]
     heads = output_head_names(model, linear)
     return [n for n in linear if n not in heads]
 

@@ -61,7 +61,7 @@ def export_hf(model: LlamaForCausalLM, directory) -> Path:
     foreign = [k for k in state if k not in expected]
     if foreign:
         raise ValueError(f"the model has tensors transformers' Llama does not know, e.g. '{foreign[0]}'; "
-                         "merge and unload the LoRA layers first (lora_lab.unload).")
+                         "merge and unload the LoRA layers first (lora_lab.merge_and_unload).")
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]  # transformers re-ties it from embed_tokens on load

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora import LoraConfig, LoRALinear, lora_targets, mark_trainable, output_head_names, set_submodule
+from .inject import check_mergeable, lora_layers, lora_targets, mark_trainable, output_head_names, set_submodule, unload
+from .lora import LoraConfig, LoRALinear
 from .nf4 import FLOAT_DTYPES, QuantizedWeight, dequantize, quantize
 
 BACKENDS = ("torch", "bitsandbytes")
@@ -127,23 +128,19 @@ class QLoRALinear(LoRALinear):
     """`LoRALinear` around an `NF4Linear`: ``h = dequant(W_NF4) x + scaling · B A dropout(x)`` (QLoRA Eq. 5).
 
     Args:
-        base: an ``nn.Linear`` (quantized here) or an `NF4Linear`.
+        base_layer: an ``nn.Linear`` (quantized here) or an `NF4Linear`.
         r, lora_alpha, lora_dropout, use_rslora: as in `LoRALinear`.
         blocksize, double_quant, quant_type, compute_dtype, backend: as in `NF4Linear.from_linear`.
     """
 
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float | None = None, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
-                 compute_dtype: torch.dtype | None = None, backend: str = "torch"):
-        if isinstance(base, nn.Linear):
-            base = NF4Linear.from_linear(base, blocksize, double_quant, quant_type, compute_dtype, backend)
-        if not isinstance(base, NF4Linear):
-            raise TypeError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}.")
-        super().__init__(base, r, lora_alpha, lora_dropout, use_rslora)
-
-    def delta_weight_fp32(self) -> torch.Tensor:
-        """``scaling · B @ A`` (out, in) in float32."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+    def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
+                 quant_type: str = "nf4", compute_dtype: torch.dtype | None = None, backend: str = "torch"):
+        if isinstance(base_layer, nn.Linear):
+            base_layer = NF4Linear.from_linear(base_layer, blocksize, double_quant, quant_type, compute_dtype, backend)
+        if not isinstance(base_layer, NF4Linear):
+            raise TypeError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base_layer).__name__}.")
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
 
 
 def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, double_quant: bool = True,
@@ -193,22 +190,39 @@ class RequantizationReport:
 
 
 def merge_and_unload(model: nn.Module, *, requantize: bool = False):
-    """Fold each adapter into its base: ``W' = dequant(W_NF4) + scaling · B A``.
+    """Fold each adapter into its base and remove the wrappers (PEFT's ``merge_and_unload``), LoRA or QLoRA.
 
-    With ``requantize=False`` every 4-bit layer becomes an ``nn.Linear`` in its original dtype; returns the
-    model. With ``requantize=True`` the merged weights are quantized again (same settings) and
-    ``(model, RequantizationReport)`` is returned. Every layer is merged (and requantized) before the first one
-    is replaced, so a merge that would hold NaN or inf raises and leaves the model as it was.
+    A LoRA model (full-precision bases): ``W0 <- W0 + scaling · B A`` in place, then `unload`; returns the model.
+    A QLoRA model: ``W' = dequant(W_NF4) + scaling · B A``. With ``requantize=False`` every 4-bit layer becomes
+    an ``nn.Linear`` in its original dtype; returns the model. With ``requantize=True`` the merged weights are
+    quantized again (same settings) and ``(model, RequantizationReport)`` is returned; a LoRA model has nothing
+    to requantize, so ``requantize=True`` is refused there. Every check (and every QLoRA merge) runs before the
+    first layer changes, so a merge that would hold NaN or inf raises and leaves the model as it was.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    all_layers = lora_layers(model)
+    if not all_layers:
+        raise ValueError("The model has no LoRA layers; call apply_lora or apply_qlora(model, config) first.")
+    layers = {n: m for n, m in all_layers.items() if isinstance(m.base_layer, NF4Linear)}
     if not layers:
-        raise ValueError("The model has no QLoRA layers; call apply_qlora(model, config) first.")
+        if requantize:
+            raise ValueError("requantize=True is for QLoRA models (4-bit bases); this model's LoRA layers have "
+                             "full-precision bases. Call merge_and_unload(model) without it.")
+        return _merge_lora_and_unload(model, all_layers)
+    full = sorted(set(all_layers) - set(layers))
+    if full:
+        raise ValueError(f"The model mixes 4-bit LoRA layers with full-precision ones such as {full[0]!r}; "
+                         "merge_and_unload merges one kind at a time: quantize all targets (apply_qlora) or none.")
+    return _merge_quantized_and_unload(model, layers, requantize)
+
+
+def _merge_quantized_and_unload(model: nn.Module, layers: dict[str, LoRALinear], requantize: bool):
+    """Merge every layer (and requantize) into new modules first; only then swap them in."""
     errors = ({}, {}, {})
     new = {}
     with torch.no_grad():
         for name, layer in layers.items():
             base = layer.base_layer
-            delta = layer.delta_weight_fp32()
+            delta = layer.get_delta_weight(torch.float32)
             merged = (base.dequantized_weight(torch.float32) + delta).to(base.weight_dtype)
             if not torch.isfinite(merged).all():
                 raise ValueError(f"Merging QLoRA layer {name!r} gives NaN or inf (its adapter holds non-finite "
@@ -233,6 +247,15 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False):
     if hasattr(model, "lora_config"):
         del model.lora_config
     return (model, RequantizationReport(*errors)) if requantize else model
+
+
+def _merge_lora_and_unload(model: nn.Module, layers: dict[str, LoRALinear]) -> nn.Module:
+    """Merge the layers not merged yet (all checks first), then remove every wrapper."""
+    unmerged = {name: layer for name, layer in layers.items() if not layer.merged}
+    check_mergeable(model, unmerged)
+    for layer in unmerged.values():
+        layer.merge()
+    return unload(model)
 
 
 def quantized_memory_report(model: nn.Module) -> dict[str, int]:

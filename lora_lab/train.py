@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .lora import LoraConfig, apply_lora
+from .inject import apply_lora
+from .lora import LoraConfig
 from .memory import MemoryBreakdown, checkpoint_layers, training_step
 from .model import loss_and_logits, resolve_device
 
@@ -88,7 +89,8 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
         task: has ``get_batch(split, batch_size, generator)``, ``evaluate(model, split, max_examples)``,
             ``seq_len`` (see `lora_lab.data`).
         method: ``"full"``, ``"lora"``, ``"qlora"`` or None (see the module docstring).
-        config: the `LoraConfig` for lora/qlora (default ``LoraConfig()``: r=8 on q_proj and v_proj).
+        config: the `LoraConfig` for lora/qlora (default ``LoraConfig(lora_alpha=16)``: r=8 on q_proj and
+            v_proj, alpha = 2r as the notebooks use).
         lr: AdamW learning rate; None picks ``DEFAULT_LR[method]``.
         seed: seeds torch before the adapters are created, and the batch order.
         callback: ``callback(history)`` every ``callback_every`` steps and after the last; returning
@@ -149,11 +151,11 @@ def prepare_model(model: nn.Module, method: str | None, config: LoraConfig | Non
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())
     elif method == "lora":
-        apply_lora(model, config or LoraConfig())
+        apply_lora(model, config or LoraConfig(lora_alpha=16))
     elif method == "qlora":
         from .qlora import apply_qlora
 
-        apply_qlora(model, config or LoraConfig(), **(qlora_options or {}))
+        apply_qlora(model, config or LoraConfig(lora_alpha=16), **(qlora_options or {}))
     return model
 
 

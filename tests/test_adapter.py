@@ -199,6 +199,19 @@ def test_round_trip_onto_plain_and_onto_wrapped_model(base, ids, saved):
     assert torch.equal(logits(load_adapter(wrapped, path), ids), logits(ours, ids))
 
 
+def test_a_config_without_lora_alpha_loads_with_peft_default(base, saved, tmp_path):
+    import shutil
+
+    path, _ = saved
+    out = tmp_path / "no_alpha"
+    shutil.copytree(path, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    assert peft.LoraConfig.from_pretrained(out).lora_alpha == 8
+    assert load_adapter(copy.deepcopy(base), out).lora_config.lora_alpha == 8  # PEFT's default, as PEFT reads it
+
+
 def test_load_casts_weights_to_the_model_dtype(base, saved):
     path, ours = saved
     model = load_adapter(copy.deepcopy(base).to(torch.bfloat16), path)  # fp32 file, bf16 model

@@ -55,7 +55,7 @@ def test_roundtrip_is_bit_exact(tmp_path):
 
 
 def test_export_refuses_lora_layers(tmp_path):
-    from lora_lab.lora import LoraConfig, apply_lora
+    from lora_lab import LoraConfig, apply_lora
 
     model = apply_lora(small_model(), LoraConfig(r=2))
     with pytest.raises(ValueError, match="unload"):

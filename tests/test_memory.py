@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora_lab.lora import LoraConfig, apply_lora, count_parameters
+from lora_lab.inject import apply_lora
+from lora_lab.lora import LoraConfig, count_parameters
 from lora_lab.memory import (CATEGORIES, PRESETS, PUBLISHED_PARAMS, SavedTensors, estimate, measure, model_config,
                              unique_bytes)
 from lora_lab.model import LlamaConfig, LlamaForCausalLM

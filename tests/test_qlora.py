@@ -9,7 +9,7 @@ from torch import nn
 
 from model_state import assert_unchanged, snapshot
 
-from lora_lab import nf4
+from lora_lab import apply_lora, nf4, unload
 from lora_lab.lora import LoraConfig, LoRALinear, count_parameters
 from lora_lab.qlora import (NF4Linear, QLoRALinear, apply_qlora, load_quantized, merge_and_unload,
                             quantized_memory_report, save_quantized)
@@ -150,6 +150,39 @@ def test_merge_and_unload_returns_dense_layers_with_the_update():
     expected = model(ids)
     merged = merge_and_unload(model)
     assert all(type(m) is nn.Linear for m in (merged.q_proj, merged.v_proj, merged.up_proj))
+    torch.testing.assert_close(merged(ids), expected, rtol=1e-5, atol=1e-5)  # fp32 reassociation of W x + B A x
+
+
+def test_unload_keeps_the_4bit_base_and_drops_the_adapters():
+    model = Tiny()
+    apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    q_proj = model.q_proj.base_layer
+    ids = torch.randint(0, 50, (2, 9))
+    for layer in (model.q_proj, model.v_proj):
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    without = {name: model.get_submodule(name).base_layer for name in ("q_proj", "v_proj")}
+    expected = model.lm_head(model.up_proj(without["q_proj"](model.embed(ids)) + without["v_proj"](model.embed(ids))))
+    plain = unload(model)  # PEFT's unload: no merge, the NF4 layers stay NF4
+    assert plain.q_proj is q_proj and all(type(m) is NF4Linear for m in (plain.q_proj, plain.v_proj, plain.up_proj))
+    assert not hasattr(plain, "lora_config")
+    assert torch.equal(plain(ids), expected)
+
+
+def test_merge_and_unload_merges_a_lora_layer_on_an_nf4_base_and_refuses_a_mix():
+    model = Tiny()
+    model.q_proj = NF4Linear.from_linear(model.q_proj)  # e.g. unload(qlora_model), then load_adapter onto it
+    apply_lora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))  # q_proj on 4 bits, v_proj not
+    for layer in (model.q_proj, model.v_proj):
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="mixes 4-bit LoRA layers with full-precision ones such as 'v_proj'"):
+        merge_and_unload(model)
+    assert_unchanged(model, before)
+    model.v_proj = model.v_proj.base_layer  # only the 4-bit one left
+    ids = torch.randint(0, 50, (2, 9))
+    expected = model(ids)
+    merged = merge_and_unload(model)
+    assert type(merged.q_proj) is nn.Linear
     torch.testing.assert_close(merged(ids), expected, rtol=1e-5, atol=1e-5)  # fp32 reassociation of W x + B A x
 
 

@@ -10,7 +10,8 @@ from torch import nn
 from model_state import assert_unchanged, snapshot
 
 from lora_lab.data import get_tokenizer, load_task
-from lora_lab.lora import LoraConfig, lora_layers
+from lora_lab.inject import lora_layers
+from lora_lab.lora import LoraConfig
 from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
 from lora_lab.train import StopTraining, finetune
 
