@@ -83,8 +83,8 @@ class History:
 def finetune(model: nn.Module, task, *, method: str | None = "lora", config: LoraConfig | None = None,
              steps: int = 200, lr: float | None = None, batch_size: int = 32, seed: int = 0,
              eval_every: int | None = 50, eval_examples: int | None = None, callback=None,
-             callback_every: int = 1, device=None, strict: bool = False, progress: bool = True,
-             measure_memory: bool = True, gradient_checkpointing: bool = False, weight_decay: float = 0.0,
+             callback_every: int = 1, device=None, strict: bool = False, progress: bool = False,
+             measure_memory: bool = False, gradient_checkpointing: bool = False, weight_decay: float = 0.0,
              qlora_options: dict | None = None) -> History:
     """Fine-tune ``model`` on ``task`` in place and return the `History`.
 
@@ -103,7 +103,9 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
         device: None picks CUDA when available. "cuda" without CUDA falls back to the CPU with a
             warning, or raises ValueError when ``strict``; another device that is not available raises.
         strict: turn the warnings (CUDA fallback, a loss that turns non-finite or diverges) into ValueErrors.
-        measure_memory: record a `MemoryBreakdown` at step 1 and at every evaluation.
+        progress: show a tqdm progress bar (off by default: notebooks compare their printed outputs).
+        measure_memory: record a `MemoryBreakdown` at step 1 and at every evaluation (the steps that measure
+            are slower: they run hooks).
         gradient_checkpointing: recompute layer activations in backward (see `checkpoint_layers`).
         qlora_options: keyword arguments for ``apply_qlora`` (``blocksize``, ``double_quant``, ...).
 
