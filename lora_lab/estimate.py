@@ -7,7 +7,7 @@ fast enough for sliders: `depth_extrapolated` runs two shallow copies instead of
 runs a few corner settings and gets every slider setting from them by exact arithmetic, and `EstimateCache`
 remembers answers.
 
-Imports run one way: model -> memory -> train -> estimate (and the widgets import this module).
+This module sits on top: it imports `model`, `memory` and `train`, and `lora_lab.widgets.scale` imports it.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def estimate(model, method: str, *, r: int = 8, target_modules=("q_proj", "v_pro
 
     The kit's `LlamaForCausalLM` is built with ``torch.device("meta")`` (shapes, no data: a 65B model takes
     seconds and no RAM), prepared by the trainer's `prepare_model` (``apply_lora``; ``apply_qlora`` stores NF4
-    codes and absmax for real, shape for shape), then `training_step` runs forward, backward and the optimizer with the same
-    `SavedTensors` hooks the measurement uses. Nothing is a formula beside the code the trainer runs.
+    codes and absmax for real, shape for shape), then `training_step` runs forward, backward and the optimizer
+    with the same `SavedTensors` hooks the measurement uses. Nothing is a formula beside the code the trainer runs.
 
     Args:
         model: a preset name (``"llama-7b"``, ..., ``"gpt3-175b"``) or a `LlamaConfig`.
