@@ -88,14 +88,14 @@ def _memory_explorer():  # 04: a grid measured on the tiny model (random weights
 
 
 def _fit_explorer(grid: bool = True):
-    """05 as the notebook builds it: three methods; with `slider_grid`, the build runs the corner estimates and
+    """05 as the notebook builds it: three methods; with an `EstimateGrid`, the build runs the corner estimates and
     every r / batch_size / seq_len move is arithmetic. `grid=False` is the previous path (one depth-extrapolated
     estimate per method for every new setting), measured in the same run for the ratio."""
-    from lora_lab.memory import PRESETS, estimate, model_config
-    from lora_lab.widgets.scale import cached, depth_extrapolated, fit_explorer, slider_grid
+    from lora_lab.estimate import PRESETS, EstimateCache, EstimateGrid, depth_extrapolated, estimate, model_config
+    from lora_lab.widgets.scale import fit_explorer
 
-    fast = cached(depth_extrapolated(estimate, model_config))
-    est = slider_grid(fast, model_config) if grid else fast
+    fast = EstimateCache(depth_extrapolated(estimate, model_config))
+    est = EstimateGrid(fast, model_config) if grid else fast
     return fit_explorer(est, list(PRESETS), optimizers=("adamw", "sgd"), preset="llama-65b")
 
 
@@ -155,7 +155,7 @@ WIDGETS: list[WidgetCase] = [
                lambda box: [(box.sliders["r"], 16), (box.sliders["batch_size"], 16), (box.sliders["seq_len"], 64),
                             (box.sliders["r"], 2), (box.sliders["batch_size"], 4), (box.sliders["seq_len"], 16)]),
     WidgetCase("05 fit_explorer (seq_len, r, batch: new settings)", _fit_explorer, _fit_new_settings),
-    WidgetCase("05 fit_explorer, no slider_grid (new settings)", lambda: _fit_explorer(grid=False),
+    WidgetCase("05 fit_explorer, no EstimateGrid (new settings)", lambda: _fit_explorer(grid=False),
                _fit_new_settings),
     WidgetCase("05 fit_explorer (cached revisits)", _fit_explorer,
                lambda box: [(box.controls["seq_len"], v) for v in (1024, 512, 1024, 512, 1024, 512)]),

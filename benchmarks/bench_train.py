@@ -128,8 +128,8 @@ def main():
                 continue
             print(f"{method:<8}{kit:>18.1f}{other:>16.1f}{kit / other:>17.2f}x")
     start = time.perf_counter()
-    finetune(base_model(args.device), task, progress=False, device=args.device)
-    print(f"default finetune(model, task) run (200 steps, batch 32, eval every 50, memory measured): "
+    finetune(base_model(args.device), task, measure_memory=True, device=args.device)
+    print(f"finetune(model, task, measure_memory=True) run (200 steps, batch 32, eval every 50): "
           f"{time.perf_counter() - start:.1f} s wall")
 
 

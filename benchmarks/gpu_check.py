@@ -8,7 +8,7 @@ Four parts, each printed as a table and written in full to the JSON file:
    and dequantized values, several shapes, dtypes and block sizes), and dequantize bandwidth of both against a
    plain device-to-device copy of the same output bytes.
 2. Memory: the kit's base model and a ~1B-parameter configuration of the same architecture (random weights),
-   full fine-tuning, LoRA and QLoRA: the CUDA peak of a training step beside `lora_lab.memory.measure`'s
+   full fine-tuning, LoRA and QLoRA: the CUDA peak of a training step beside `lora_lab.train.measure`'s
    breakdown and `estimate(...)` for the same settings (target: both within 10% of the peak).
 3. Speed: steps per second of the kit's trainer against PEFT (+ bitsandbytes for QLoRA), from
    ``benchmarks/bench_train.py``.
@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lora_lab.estimate import estimate  # noqa: E402
 from lora_lab.lora import LoraConfig  # noqa: E402
-from lora_lab.memory import estimate, measure  # noqa: E402
 from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model  # noqa: E402
 from lora_lab.nf4 import quantize  # noqa: E402
-from lora_lab.train import make_optimizer, prepare_model  # noqa: E402
+from lora_lab.train import make_optimizer, measure, prepare_model  # noqa: E402
 
 # ~1.1B parameters: TinyLlama-1.1B's published shape (grouped-query attention with 4 key/value heads).
 ONE_B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

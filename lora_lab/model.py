@@ -122,6 +122,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` with a causal mask; q, k, v and the result are (B, H, T, D).
+
+    # Note: attention on the meta device
+    On meta tensors ``F.scaled_dot_product_attention`` falls back to its math kernel, which keeps the
+    (B, H, T, T) attention matrix for backward. Real CPUs and GPUs run a fused (flash) kernel that keeps
+    only q, k, v, the output and a (B, H, T) logsumexp. So meta calls go to PyTorch's fused CPU kernel,
+    which keeps exactly that set, and `lora_lab.estimate` counts what a real step saves.
+    """
+    if q.is_meta:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class LlamaAttention(nn.Module):
     """Causal multi-head attention with rotary positions and optional grouped-query attention.
 
@@ -148,7 +162,7 @@ class LlamaAttention(nn.Module):
         # GQA: key/value head j serves query heads j*H/K .. (j+1)*H/K - 1 (transformers' repeat_kv)
         k = k.repeat_interleave(H // K, dim=1)  # (B, H, T, D)
         v = v.repeat_interleave(H // K, dim=1)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(q k^T / sqrt(D)) v
+        y = causal_attention(q, k, v)  # softmax(q k^T / sqrt(D)) v, (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
         return self.o_proj(y)
 
@@ -250,7 +264,7 @@ def loss_and_logits(out, *, need_loss: bool = False) -> tuple[torch.Tensor | Non
 
     `LlamaForCausalLM` above returns logits (B, T, V), or ``(loss, logits)`` when given labels; a
     transformers ``*ForCausalLM`` returns an output object (``CausalLMOutputWithPast``) with ``.logits``
-    and, given labels, ``.loss``. The trainer, `lora_lab.memory` and `Task.evaluate` read outputs here only.
+    and, given labels, ``.loss``. The trainer (`training_step`) and `Task.evaluate` read outputs here only.
 
     Args:
         out: the forward's return value.

@@ -10,11 +10,15 @@ One loop serves every method, so their curves, timings and memory are comparable
 Each step is forward, backward, AdamW (Loshchilov & Hutter 2019). The seed is set before the adapters are
 created, so the same call gives the same curve, bit for bit, on the same machine (CPU; CUDA kernels,
 bitsandbytes' included, are not all deterministic).
+
+`training_step` is that step; `measure` runs one with its memory counted (`lora_lab.memory`), and
+`lora_lab.estimate` runs it on the meta device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -22,11 +26,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .inject import apply_lora
 from .lora import LoraConfig
-from .memory import MemoryBreakdown, checkpoint_layers, training_step
+from .memory import (MemoryBreakdown, SavedTensors, count_saved, gradient_bytes, optimizer_bytes, peak_rss_bytes,
+                     weight_bytes)
 from .model import loss_and_logits, resolve_device
+from .qlora import apply_qlora
 
 METHODS = ("full", "lora", "qlora", None)
 DIVERGENCE_WINDOW = 10  # steps averaged before calling a run diverged (see `# Note: what counts as diverged`)
@@ -77,8 +84,8 @@ class History:
 def finetune(model: nn.Module, task, *, method: str | None = "lora", config: LoraConfig | None = None,
              steps: int = 200, lr: float | None = None, batch_size: int = 32, seed: int = 0,
              eval_every: int | None = 50, eval_examples: int | None = None, callback=None,
-             callback_every: int = 1, device=None, strict: bool = False, progress: bool = True,
-             measure_memory: bool = True, gradient_checkpointing: bool = False, weight_decay: float = 0.0,
+             callback_every: int = 1, device=None, strict: bool = False, progress: bool = False,
+             measure_memory: bool = False, gradient_checkpointing: bool = False, weight_decay: float = 0.0,
              qlora_options: dict | None = None) -> History:
     """Fine-tune ``model`` on ``task`` in place and return the `History`.
 
@@ -98,8 +105,10 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
         device: None picks CUDA when available. "cuda" without CUDA falls back to the CPU with a
             warning, or raises ValueError when ``strict``; another device that is not available raises.
         strict: turn the warnings (CUDA fallback, a loss that turns non-finite or diverges) into ValueErrors.
-        measure_memory: record a `MemoryBreakdown` at step 1 and at every evaluation.
-        gradient_checkpointing: recompute layer activations in backward (see `memory.checkpoint_layers`).
+        progress: show a tqdm progress bar (off by default: notebooks compare their printed outputs).
+        measure_memory: record a `MemoryBreakdown` at step 1 and at every evaluation (the steps that measure
+            are slower: they run hooks).
+        gradient_checkpointing: recompute layer activations in backward (see `checkpoint_layers`).
         qlora_options: keyword arguments for ``apply_qlora`` (``blocksize``, ``double_quant``, ...).
 
     Returns:
@@ -153,8 +162,6 @@ def prepare_model(model: nn.Module, method: str | None, config: LoraConfig | Non
     elif method == "lora":
         apply_lora(model, config or LoraConfig(lora_alpha=16))
     elif method == "qlora":
-        from .qlora import apply_qlora
-
         apply_qlora(model, config or LoraConfig(lora_alpha=16), **(qlora_options or {}))
     return model
 
@@ -170,6 +177,110 @@ def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}.")
+
+
+# ---------------------------------------------------------------------------------- gradient checkpointing
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (``model.model.layers`` in transformers' Llama naming)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    found = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not found:
+        raise ValueError("Gradient checkpointing needs the model's decoder layers in an nn.ModuleList.")
+    return found[0]
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    count_saved(args)  # the checkpoint keeps the layer's inputs alive for the recompute
+    on_meta = any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=not on_meta, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpoint_layers(model: nn.Module):
+    """Inside the context, every decoder layer but the last drops its activations and recomputes them in backward.
+
+    With gradient checkpointing (Chen et al. 2016, arXiv 1604.06174) the forward keeps only each layer's
+    input; backward reruns one layer at a time. Peak activation memory becomes (layer inputs) + (one
+    layer's activations), instead of all layers' activations (the "567 MB -> 18 MB" of QLoRA §2).
+
+    # Note: why the last layer is not checkpointed
+    Backward starts at the last layer, so recomputing it right after the forward would rebuild exactly
+    what was just thrown away. Keeping it costs the same memory as the first recompute, and makes the
+    peak visible to `SavedTensors` (the checkpoint's own hooks hide what happens inside it).
+    """
+    layers = [m for m in decoder_layers(model)[:-1] if "forward" not in vars(m)]
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+# ------------------------------------------------------------------------------------------ one step
+
+def training_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, track: bool = False):
+    """Forward, backward and ``optimizer.step()`` on one batch; `finetune`, `measure` and `estimate` all run this.
+
+    Args:
+        batch: ``(input_ids, labels)``, each (B, T), on the model's device.
+        track: also count memory (`SavedTensors` during the forward, then weights, gradients, state).
+
+    Returns:
+        ``(loss, breakdown)``: the detached loss and a `MemoryBreakdown` (None unless ``track``). A loss
+        that is NaN or infinite is returned before backward, so the weights keep their last finite values.
+    """
+    input_ids, labels = batch
+    on_cuda = input_ids.is_cuda
+    optimizer.zero_grad(set_to_none=True)
+    if track and on_cuda:
+        torch.cuda.reset_peak_memory_stats(input_ids.device)
+    with SavedTensors(model) if track else contextlib.nullcontext() as saved:
+        loss, _ = loss_and_logits(model(input_ids, labels=labels), need_loss=True)
+    if not loss.is_meta and not torch.isfinite(loss):
+        return loss.detach(), None
+    loss.backward()
+    grads = gradient_bytes(model) if track else 0
+    optimizer.step()
+    if not track:
+        return loss.detach(), None
+    frozen, trainable = weight_bytes(model)
+    on_meta = input_ids.is_meta
+    return loss.detach(), MemoryBreakdown(
+        frozen_weights=frozen, trainable_weights=trainable, gradients=grads,
+        optimizer_state=optimizer_bytes(optimizer), activations=saved.nbytes,
+        peak_cuda=torch.cuda.max_memory_allocated(input_ids.device) if on_cuda else None,
+        peak_rss=None if on_meta else peak_rss_bytes())
+
+
+def measure(model: nn.Module, batch, optimizer: torch.optim.Optimizer | None = None, *,
+            gradient_checkpointing: bool = False) -> MemoryBreakdown:
+    """Measure one training step's memory by category (see `MemoryBreakdown`).
+
+    Args:
+        model: the model as it will train (after ``apply_lora``/``apply_qlora``, if any).
+        batch: ``(input_ids, labels)`` on the model's device.
+        optimizer: stepped for real if given; None uses a throwaway AdamW with ``lr=0``, so the weights
+            do not move (its state is still allocated and counted).
+        gradient_checkpointing: count activations as the checkpointed step keeps them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters; apply_lora it or set requires_grad first.")
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    with checkpoint_layers(model) if gradient_checkpointing else contextlib.nullcontext():
+        loss, breakdown = training_step(model, batch, optimizer, track=True)
+    optimizer.zero_grad(set_to_none=True)
+    if breakdown is None:
+        raise ValueError(f"The loss is {loss.item()}; memory is measured on a step with a finite loss.")
+    return breakdown
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -15,7 +15,7 @@ from lora_lab.lora import LoraConfig
 from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
 from lora_lab.train import StopTraining, finetune
 
-QUICK = dict(steps=4, batch_size=8, eval_every=2, eval_examples=16, progress=False, device="cpu")
+QUICK = dict(steps=4, batch_size=8, eval_every=2, eval_examples=16, measure_memory=True, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,13 @@ def test_every_method_runs_through_the_same_loop(task, method):
                 assert torch.equal(weight, before[name.replace(".base_layer", "")])
     if method == "qlora":  # NF4 codes are frozen weights, stored in 4 bits: less than the fp32 ones
         assert moved.frozen_weights < sum(v.numel() * 4 for v in before.values())
+
+
+def test_the_defaults_measure_no_memory_and_show_no_progress_bar(task, capsys):
+    quiet = {k: v for k, v in QUICK.items() if k != "measure_memory"}
+    history = finetune(tiny_model(), task, **quiet)
+    assert history.steps == 4 and history.memory == [] and history.memory_steps == []
+    assert capsys.readouterr().err == ""  # tqdm writes its bar to stderr
 
 
 def test_history_is_json_serializable(task):

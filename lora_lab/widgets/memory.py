@@ -48,7 +48,7 @@ def measure_grid(measure: Callable[..., object], methods: Sequence[str], ranks: 
 
 def tiny_measure(base_model, target_modules=("q_proj", "v_proj"), device=None, seed: int = 0):
     """A `measure(method, r=, batch_size=, seq_len=)` for `measure_grid`: one real training step on a fresh copy
-    of `base_model` prepared as `finetune` prepares it, counted by `lora_lab.memory.measure`.
+    of `base_model` prepared as `finetune` prepares it, counted by `lora_lab.train.measure`.
 
     The batch is random token ids (memory does not depend on their values); `lora_alpha = 2r`.
     """
@@ -57,8 +57,7 @@ def tiny_measure(base_model, target_modules=("q_proj", "v_proj"), device=None, s
     import torch
 
     from ..lora import LoraConfig
-    from ..memory import measure
-    from ..train import prepare_model
+    from ..train import measure, prepare_model
 
     vocab = base_model.config.vocab_size
     prepared: dict = {}  # (method, r) -> model: preparing (quantizing) once per rank; each step still starts
