@@ -35,7 +35,8 @@ def median_time(fn, repeats):
 def report(name, ours, theirs, target):
     ratio = ours / theirs
     verdict = "met" if ratio <= target else "NOT met"
-    print(f"  {name:<44} {ours * 1e3:8.1f} ms vs {theirs * 1e3:8.1f} ms  ratio {ratio:5.2f} (target <= {target}: {verdict})")
+    print(f"  {name:<44} {ours * 1e3:8.1f} ms vs {theirs * 1e3:8.1f} ms  ratio {ratio:5.2f} "
+          f"(target <= {target}: {verdict})")
 
 
 def torchao_nf4():
@@ -60,13 +61,15 @@ def bench_quantization(w, repeats):
     q = ours_q()
     print(f"  first lora_lab quantize (includes torch.compile): {time.perf_counter() - start:.1f} s")
     packed, state = bnb_q()
-    same = torch.equal(q.packed, packed.reshape(-1)) and torch.equal(nf4.dequantize(q), F.dequantize_4bit(packed, state))
+    same = (torch.equal(q.packed, packed.reshape(-1))
+            and torch.equal(nf4.dequantize(q), F.dequantize_4bit(packed, state)))
     readable = nf4.quantize(w, fast=False)
     same &= torch.equal(readable.packed, q.packed) and torch.equal(readable.absmax, q.absmax)
     print(f"  bytes and dequantized values equal to bitsandbytes (and the readable path): {same}")
     report("quantize_nf4 vs bnb quantize_4bit", median_time(ours_q, repeats), median_time(bnb_q, repeats), 0.5)
     t_ours = median_time(lambda: nf4.dequantize(q), repeats)
-    report("dequantize vs bnb dequantize_4bit", t_ours, median_time(lambda: F.dequantize_4bit(packed, state), repeats), 1.5)
+    t_bnb = median_time(lambda: F.dequantize_4bit(packed, state), repeats)
+    report("dequantize vs bnb dequantize_4bit", t_ours, t_bnb, 1.5)
     t_readable = median_time(lambda: nf4.dequantize(q, fast=False), repeats)
     print(f"  (readable dequantize path: {t_readable * 1e3:.1f} ms)")
     to_nf4 = torchao_nf4()

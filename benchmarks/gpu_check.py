@@ -65,7 +65,8 @@ def nf4_agreement(device: str) -> list[dict]:
 
     # Note: on the CPU, bitsandbytes 0.50's C++ dequantize misreads the scales when a row's length is even but
     # not a multiple of the block size (see tests/test_nf4.py); the CPU shapes avoid that case, CUDA's don't.
-    shapes = [(4096, 4096), (1000, 333), (96, 256), (4097,), (7,)] if device == "cuda" else [(2, 4096), (1000, 3), (4097,), (7,)]
+    shapes = ([(4096, 4096), (1000, 333), (96, 256), (4097,), (7,)] if device == "cuda"
+              else [(2, 4096), (1000, 3), (4097,), (7,)])
     blocksizes = (64, 128, 256, 4096) if device == "cuda" else (64, 4096)
     rows = []
     for shape in shapes:

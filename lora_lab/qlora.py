@@ -74,7 +74,8 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         device = quant_state.packed.device
         self.compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        self.weight_dtype, self.blocksize, self.quant_type = quant_state.dtype, quant_state.blocksize, quant_state.quant_type
+        self.weight_dtype, self.blocksize = quant_state.dtype, quant_state.blocksize
+        self.quant_type = quant_state.quant_type
         self.register_buffer("weight", quant_state.packed)
         for name in _STATE_TENSORS:
             self.register_buffer(name, getattr(quant_state, name))

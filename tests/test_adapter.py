@@ -229,6 +229,31 @@ def test_save_refuses_a_model_without_lora(base, tmp_path):
 # ------------------------------------------------------------------------------ failed loads change nothing
 
 
+def _key(tensors):
+    return next(k for k in tensors if k.endswith("lora_A.weight"))
+
+
+# Each damage is one edit: of the tensors, of the config, or of the files once written.
+TENSOR_DAMAGE = {
+    "bad_shape": lambda t, k: t.__setitem__(k, torch.zeros(4, 7)),
+    "int_dtype": lambda t, k: t.__setitem__(k, t[k].to(torch.int32)),
+    "nan": lambda t, k: t.__setitem__(k, torch.full_like(t[k], float("nan"))),
+    "unknown_module": lambda t, k: t.__setitem__(k.replace("layers.0", "layers.9"), t[k].clone()),
+    "missing_tensor": lambda t, k: t.__delitem__(k),
+}
+CONFIG_DAMAGE = {"dora": ("use_dora", True), "other_peft_type": ("peft_type", "IA3"), "wrong_r": ("r", 2),
+                 "rslora_string": ("use_rslora", "false")}
+FILE_DAMAGE = {
+    "truncated": lambda out, blob: (out / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2]),
+    "garbage": lambda out, blob: (out / "adapter_model.safetensors").write_bytes(b"\x00" * 64),
+    "bad_json": lambda out, blob: (out / "adapter_config.json").write_text("{ not json"),
+    "nan_alpha": lambda out, blob: (out / "adapter_config.json").write_text(
+        (out / "adapter_config.json").read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')),
+    "no_config": lambda out, blob: (out / "adapter_config.json").unlink(),
+    "pickle_only": lambda out, blob: (out / "adapter_model.safetensors").rename(out / "adapter_model.bin"),
+}
+
+
 def corrupt(path, tmp_path, how):
     """A copy of the adapter at ``path`` damaged in one way."""
     out = tmp_path / "bad"
@@ -236,39 +261,15 @@ def corrupt(path, tmp_path, how):
     config = json.loads((path / "adapter_config.json").read_text())
     tensors = load_file(path / "adapter_model.safetensors")
     blob = (path / "adapter_model.safetensors").read_bytes()
-    key = next(k for k in tensors if k.endswith("lora_A.weight"))
-    if how == "bad_shape":
-        tensors[key] = torch.zeros(4, 7)
-    elif how == "int_dtype":
-        tensors[key] = tensors[key].to(torch.int32)
-    elif how == "nan":
-        tensors[key] = torch.full_like(tensors[key], float("nan"))
-    elif how == "unknown_module":
-        tensors[key.replace("layers.0", "layers.9")] = tensors[key].clone()
-    elif how == "missing_tensor":
-        del tensors[key]
-    elif how == "dora":
-        config["use_dora"] = True
-    elif how == "other_peft_type":
-        config["peft_type"] = "IA3"
-    elif how == "wrong_r":
-        config["r"] = 2
-    elif how == "rslora_string":
-        config["use_rslora"] = "false"
+    if how in TENSOR_DAMAGE:
+        TENSOR_DAMAGE[how](tensors, _key(tensors))
+    if how in CONFIG_DAMAGE:
+        name, value = CONFIG_DAMAGE[how]
+        config[name] = value
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config))
-    if how == "truncated":
-        (out / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])
-    elif how == "garbage":
-        (out / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
-    elif how == "bad_json":
-        (out / "adapter_config.json").write_text("{ not json")
-    elif how == "nan_alpha":
-        (out / "adapter_config.json").write_text(json.dumps(config).replace('"lora_alpha": 8', '"lora_alpha": NaN'))
-    elif how == "no_config":
-        (out / "adapter_config.json").unlink()
-    elif how == "pickle_only":
-        (out / "adapter_model.safetensors").rename(out / "adapter_model.bin")
+    if how in FILE_DAMAGE:
+        FILE_DAMAGE[how](out, blob)
     return out
 
 

@@ -166,7 +166,8 @@ def test_estimate_grid_leaves_other_calls_to_the_estimator():
     grid("llama-7b", "lora", r=4)  # not the slider set: one direct call, no corners
     assert calls == [{"r": 4}] and not grid.corners
     with pytest.raises(ValueError, match="max_position_embeddings"):  # the estimator's own error, not extrapolated
-        grid("llama-7b", "lora", r=8, target_modules=("q_proj", "v_proj"), batch_size=1, seq_len=4096, gradient_checkpointing=True,
+        grid("llama-7b", "lora", r=8, target_modules=("q_proj", "v_proj"), batch_size=1, seq_len=4096,
+             gradient_checkpointing=True,
              optimizer="adamw")
 
 

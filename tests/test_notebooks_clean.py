@@ -13,7 +13,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_clean_notebooks_check_passes():
     assert NOTEBOOKS, f"no .ipynb in {ROOT / 'notebooks'}: these checks would check nothing"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "clean_notebooks.py"), "--check", *map(str, NOTEBOOKS)],
+    script = ROOT / "scripts" / "clean_notebooks.py"
+    proc = subprocess.run([sys.executable, str(script), "--check", *map(str, NOTEBOOKS)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"run scripts/clean_notebooks.py on: {proc.stdout}"
 

@@ -90,8 +90,9 @@ def _dequantized(quantize: Callable, w: torch.Tensor, blocksize: int) -> torch.T
     `blocksize` the codes and thresholds are read with: a mismatch would silently misplace every block."""
     q = quantize(w)
     if getattr(q, "blocksize", blocksize) != blocksize:
-        raise ValueError(f"quantize uses blocksize {q.blocksize} but blocksize={blocksize} was passed; pass a quantizer "
-                         f"with the same blocksize, e.g. functools.partial(quantize_nf4, blocksize={blocksize}).")
+        raise ValueError(f"quantize uses blocksize {q.blocksize} but blocksize={blocksize} was passed; pass a "
+                         "quantizer with the same blocksize, e.g. "
+                         f"functools.partial(quantize_nf4, blocksize={blocksize}).")
     return q.dequantize().float()
 
 
