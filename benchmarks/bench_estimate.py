@@ -1,15 +1,15 @@
-"""lora_lab.estimate for every preset and method, beside the LoRA and QLoRA papers' published figures.
+"""lora_lab.estimator for every preset and method, beside the LoRA and QLoRA papers' published figures.
 
     python benchmarks/bench_estimate.py
 
-The estimate is a real training step on the meta device (see lora_lab.estimate); the papers' figures were
+The estimate is a real training step on the meta device (see lora_lab.estimator); the papers' figures were
 measured on GPUs and include what tensors do not (CUDA context, allocator cache), so a ratio a little under
 1 on totals is expected. Sources: LoRA §4.2 and Table 4/15, QLoRA §1, §2, §5.3 and Appendix G (Figure 6).
 """
 
 import time
 
-from lora_lab.estimate import PRESETS, estimate
+from lora_lab.estimator import PRESETS, estimate
 from lora_lab.plots.scale import paper_comparison
 
 GB = 1e9

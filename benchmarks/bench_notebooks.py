@@ -91,7 +91,7 @@ def _fit_explorer(grid: bool = True):
     """05 as the notebook builds it: three methods; with an `EstimateGrid`, the build runs the corner estimates and
     every r / batch_size / seq_len move is arithmetic. `grid=False` is the previous path (one depth-extrapolated
     estimate per method for every new setting), measured in the same run for the ratio."""
-    from lora_lab.estimate import PRESETS, EstimateCache, EstimateGrid, depth_extrapolated, estimate, model_config
+    from lora_lab.estimator import PRESETS, EstimateCache, EstimateGrid, depth_extrapolated, estimate, model_config
     from lora_lab.widgets.scale import fit_explorer
 
     fast = EstimateCache(depth_extrapolated(estimate, model_config))

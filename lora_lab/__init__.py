@@ -11,13 +11,14 @@ __version__ = "0.1.0"
 from .lora import LoraConfig, LoRALinear, LoRALayer, ParameterCount, count_parameters  # noqa: F401
 from .inject import apply_lora, lora_layers, merge_lora, unload, unmerge_lora  # noqa: F401
 from .adapter import load_adapter, save_adapter  # noqa: F401
-from .model import LlamaConfig, LlamaForCausalLM, generate, load_base_model  # noqa: F401
+from .model import LlamaConfig, LlamaForCausalLM, load_base_model  # noqa: F401
 from .data import get_tokenizer, load_task, pretraining_corpus  # noqa: F401
+from .sampling import generate  # noqa: F401
 from .hf import export_hf, import_hf  # noqa: F401
 from .train import History, StopTraining, finetune  # noqa: F401
 from .memory import MemoryBreakdown  # noqa: F401
 from .train import measure  # noqa: F401
-from .estimate import Estimate, estimate  # noqa: F401
+from .estimator import Estimate, estimate  # noqa: F401
 from .nf4 import (QuantizedWeight, codebook, dequantize, dequantize_nf4, dynamic_map, fp4_codebook,  # noqa: F401
                   int4_codebook, nf4_codebook, quantize, quantize_fp4, quantize_int4, quantize_nf4)
 from .qlora import (NF4Linear, QLoRALinear, RequantizationReport, apply_qlora, load_quantized,  # noqa: F401

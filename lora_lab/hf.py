@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ._io import read_json
+from .data import CharTokenizer
 from .model import LlamaConfig, LlamaForCausalLM, load_checkpoint, read_checkpoint, resolve_device
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -23,8 +24,6 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 def hf_config_dict(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
     """transformers' LlamaConfig fields for `config` (as written to config.json)."""
-    from .data import CharTokenizer
-
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

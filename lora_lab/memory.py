@@ -9,7 +9,7 @@ Every number is counted from tensors that exist, never from a rule of thumb:
     activations         tensors autograd saves in the forward pass for the backward pass
 
 This module holds the counting only. The trainer's `training_step` fills a `MemoryBreakdown` with it
-(`lora_lab.train.measure` runs one such step), and `lora_lab.estimate` runs the very same step on
+(`lora_lab.train.measure` runs one such step), and `lora_lab.estimator` runs the very same step on
 PyTorch's meta device, where tensors have shapes and dtypes but no data.
 """
 

@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ._io import FLOAT_CODES, read_header, read_json, read_safetensors
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -129,7 +132,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     On meta tensors ``F.scaled_dot_product_attention`` falls back to its math kernel, which keeps the
     (B, H, T, T) attention matrix for backward. Real CPUs and GPUs run a fused (flash) kernel that keeps
     only q, k, v, the output and a (B, H, T) logsumexp. So meta calls go to PyTorch's fused CPU kernel,
-    which keeps exactly that set, and `lora_lab.estimate` counts what a real step saves.
+    which keeps exactly that set, and `lora_lab.estimator` counts what a real step saves.
     """
     if q.is_meta:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]
@@ -317,8 +320,6 @@ def read_checkpoint(config: LlamaConfig, file, fix: str) -> dict:
     Args:
         fix: the sentence a damaged-file error ends with (what to do about it).
     """
-    from ._io import FLOAT_CODES, read_header, read_safetensors
-
     header, _ = read_header(file, fix)
     with torch.device("meta"):  # shapes only: a config that declares a huge model costs nothing here
         expected = LlamaForCausalLM(config).state_dict()
@@ -372,8 +373,6 @@ def resolve_device(device=None, strict: bool = False) -> torch.device:
 
 def save_base_model(model: LlamaForCausalLM, directory=WEIGHTS_DIR, name: str = "base") -> None:
     """Write `<name>.safetensors` and `<name>_config.json` (the format `load_base_model` reads)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -391,8 +390,6 @@ def load_base_model(device=None, strict: bool = False, directory=WEIGHTS_DIR, na
             with a warning (strict=False) or raises ValueError (strict=True).
         directory, name: where the weights are; the defaults are the shipped ones.
     """
-    from ._io import read_json
-
     device = resolve_device(device, strict)
     directory = Path(directory)
     config_file, weights_file = directory / f"{name}_config.json", directory / f"{name}.safetensors"
@@ -411,45 +408,4 @@ def load_base_model(device=None, strict: bool = False, directory=WEIGHTS_DIR, na
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
-             tokenizer=None, stop_at_eos: bool = True):
-    """Continue `prompt` token by token: greedy at temperature 0, else sampled from softmax(logits / t).
-
-    Args:
-        model: a LlamaForCausalLM (LoRA-wrapped or not).
-        prompt: a string, or a list of strings (each continued on its own).
-        max_new_tokens: how many tokens to add at most (fewer if the model emits eos).
-        temperature: 0 for greedy decoding; > 0 samples with a torch.Generator seeded by `seed`,
-            so the same call gives the same text.
-        tokenizer: defaults to `lora_lab.data.get_tokenizer()`.
-
-    Returns:
-        The continuation only (without the prompt), a string or a list like `prompt`.
-    """
-    if tokenizer is None:
-        from .data import get_tokenizer
-
-        tokenizer = get_tokenizer()
-    if not isinstance(prompt, str):
-        return [generate(model, p, max_new_tokens, temperature, seed, tokenizer, stop_at_eos) for p in prompt]
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=device)  # (1, T)
-    new = []
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.config.max_position_embeddings:])[0, -1].float()  # (V,)
-        if temperature == 0:
-            token = logits.argmax()
-        else:
-            token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=gen)[0]
-        if stop_at_eos and token == tokenizer.eos_id:
-            break
-        new.append(int(token))
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-    return tokenizer.decode(new)
-
-
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "load_base_model", "load_checkpoint", "save_base_model", "generate"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "load_base_model", "load_checkpoint", "save_base_model"]

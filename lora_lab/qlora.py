@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._io import DTYPE_CODES, check_finite, read_header, read_safetensors
 from .inject import check_mergeable, lora_layers, lora_targets, mark_trainable, output_head_names, set_submodule, unload
 from .lora import LoraConfig, LoRALinear
 from .nf4 import FLOAT_DTYPES, QuantizedWeight, dequantize, quantize
@@ -299,10 +301,6 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
     Names, shapes, dtypes and 4-bit settings are checked from the file's header, then every floating-point
     tensor is checked to be finite, before the model changes.
     """
-    from pathlib import Path
-
-    from ._io import DTYPE_CODES, check_finite, read_header, read_safetensors
-
     file, fix = Path(path), "Save the model again with save_quantized."
     header, metadata = read_header(file, fix)
     try:

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.data import encode_batch, get_tokenizer, pretraining_corpus
-from lora_lab.model import LlamaConfig, LlamaForCausalLM, generate, load_base_model, load_checkpoint
+from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model, load_checkpoint
+from lora_lab.sampling import generate
 
 SMALL = dict(vocab_size=34, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)

@@ -62,7 +62,7 @@ def test_a_setting_the_estimator_rejects_shows_in_the_readout():
 
 
 def test_fit_explorer_moves_sliders_without_new_estimates():
-    from lora_lab.estimate import Estimate, EstimateGrid
+    from lora_lab.estimator import Estimate, EstimateGrid
     from lora_lab.memory import MemoryBreakdown
 
     calls = []

@@ -6,14 +6,18 @@ looks the answer up, so a slider move only updates bar heights and re-renders a 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
+import torch
 
+from ..lora import LoraConfig
 from ..plots import to_png
 from ..plots.memory import UNITS, breakdown_dict, plot_dashboard, plot_fixed_bars, stacked_bar_data, update_stacked_bars
+from ..train import measure, prepare_model
 from ._view import FigureView, e2e_slider
 
 GridKey = tuple[int, int, int]  # (r, batch_size, seq_len)
@@ -52,13 +56,6 @@ def tiny_measure(base_model, target_modules=("q_proj", "v_proj"), device=None, s
 
     The batch is random token ids (memory does not depend on their values); `lora_alpha = 2r`.
     """
-    import copy
-
-    import torch
-
-    from ..lora import LoraConfig
-    from ..train import measure, prepare_model
-
     vocab = base_model.config.vocab_size
     prepared: dict = {}  # (method, r) -> model: preparing (quantizing) once per rank; each step still starts
     # from no gradients and a fresh optimizer (`measure` sets grads to None and uses a throwaway AdamW, lr=0)
@@ -127,8 +124,6 @@ def memory_explorer(grid: Mapping[GridKey, Mapping[str, Mapping[str, int]]], uni
 
 def cuda_stats() -> dict[str, int] | None:
     """{"allocated", "peak"} bytes from `torch.cuda` on a CUDA machine, else None."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}

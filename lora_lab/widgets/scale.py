@@ -2,7 +2,7 @@
 
 Every slider has `continuous_update=False` and answers come from an `EstimateCache`, so a revisited setting
 redraws without calling the estimator again. The arithmetic that makes a move fast (`EstimateGrid`) lives
-with the estimator, in `lora_lab.estimate`.
+with the estimator, in `lora_lab.estimator`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import ipywidgets as widgets
 
-from ..estimate import EstimateCache, EstimateGrid
+from ..estimator import EstimateCache, EstimateGrid
 from ..plots.scale import (GPU_SIZES_GB, LLAMA_LINEAR_NAMES, QV, estimate_bars_data, fits_on, plot_fit_explorer,
                            update_fit)
 from ._view import FigureView, e2e_slider

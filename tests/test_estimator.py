@@ -1,4 +1,4 @@
-"""lora_lab.estimate: the meta-device estimate against measurement and the papers, and the grid arithmetic
+"""lora_lab.estimator: the meta-device estimate against measurement and the papers, and the grid arithmetic
 (depth extrapolation, `EstimateGrid`) against direct estimates, byte for byte."""
 
 import dataclasses
@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lora_lab.estimate import (PRESETS, PUBLISHED_PARAMS, EstimateCache, EstimateGrid, depth_extrapolated, estimate,
+from lora_lab.estimator import (PRESETS, PUBLISHED_PARAMS, EstimateCache, EstimateGrid, depth_extrapolated, estimate,
                                model_config, multilinear)
 from lora_lab.lora import LoraConfig, count_parameters
 from lora_lab.memory import CATEGORIES
