@@ -9,19 +9,11 @@ measured on GPUs and include what tensors do not (CUDA context, allocator cache)
 
 import time
 
-from lora_lab.estimator import PRESETS, estimate
-from lora_lab.plots.scale import paper_comparison
+from lora_lab.estimator import PRESETS, EstimateCache, estimate
+from lora_lab.plots.scale import MORE_PAPER_FIGURES, PAPER_FIGURES, paper_comparison
 
 GB = 1e9
-
-_cache = {}
-
-
-def cached(preset, method, **kwargs):
-    key = (preset, method, tuple(sorted(kwargs.items())))
-    if key not in _cache:
-        _cache[key] = estimate(preset, method, **kwargs)
-    return _cache[key]
+cached = EstimateCache(estimate)  # each (preset, method, settings) is estimated once
 
 
 def main():
@@ -37,13 +29,15 @@ def main():
                   f"{b.frozen_weights / GB:>10.2f}{b.trainable_weights / GB:>10.2f}{b.gradients / GB:>9.2f}"
                   f"{b.optimizer_state / GB:>9.2f}{b.activations / GB:>9.2f}{e.total_bytes / GB:>10.2f}"
                   f"{time.perf_counter() - start:>6.1f}")
-    print("\nPublished figures beside the estimate (lora_lab.plots.scale.PAPER_FIGURES, the table notebook 05 shows)")
+    print("\nPublished figures beside the estimate (lora_lab.plots.scale: PAPER_FIGURES, the table notebook 05 shows,"
+          " then MORE_PAPER_FIGURES)")
     print(f"{'claim':<48}{'source':<15}{'unit':<7}{'paper':>12}{'estimate':>12}{'ratio':>7}")
-    for row in paper_comparison(cached):
+    for row in paper_comparison(cached, PAPER_FIGURES + MORE_PAPER_FIGURES):
         f = row.figure
         scale = 1e6 if f.unit == "params" else 1  # parameter counts in millions
         print(f"{f.claim:<48}{f.source:<15}{'M' if f.unit == 'params' else f.unit:<7}{f.paper_value / scale:>12,.1f}"
               f"{row.estimated / scale:>12,.1f}{row.ratio:>7.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lora_lab.plots import paper_table
-from lora_lab.plots.scale import (COMPARISON_HEADER, PAPER_FIGURES, estimate_bars_data, fits_on, paper_comparison,
-                                  plot_fit, plot_fit_explorer, update_fit)
+from lora_lab.plots.scale import (COMPARISON_HEADER, MORE_PAPER_FIGURES, PAPER_FIGURES, estimate_bars_data, fits_on,
+                                  paper_comparison, plot_fit, plot_fit_explorer, update_fit)
 
 GiB = 2**30
 
@@ -58,3 +58,21 @@ def test_paper_comparison_converts_to_paper_units():
     assert by_claim["LLaMA 7B, 4-bit base model"].ratio == pytest.approx(1.0)  # read from the breakdown
     table = paper_table([row.cells for row in rows], header=COMPARISON_HEADER).data
     assert table.count("\n") == len(rows) + 1 and "| 18.9 M |" in table
+
+
+def test_the_benchmarks_extra_figures_read_what_the_estimate_has():
+    from lora_lab.memory import CATEGORIES
+
+    known = {"total_bytes", "trainable_params", "adapter_bytes"} | {f"breakdown:{c}" for c in CATEGORIES}
+    assert {f.field for f in MORE_PAPER_FIGURES} <= known
+    assert len({f.claim for f in PAPER_FIGURES + MORE_PAPER_FIGURES}) == len(PAPER_FIGURES) + len(MORE_PAPER_FIGURES)
+
+    def fake_estimate(preset, method, **kw):
+        n = 2 * 96 * 12288 * kw.get("r", 8) * 2
+        return SimpleNamespace(trainable_params=n, adapter_bytes=2 * n, total_bytes=0,
+                               breakdown={c: 1e6 for c in CATEGORIES})
+
+    rows = {row.figure.claim: row for row in paper_comparison(fake_estimate, MORE_PAPER_FIGURES)}
+    # LoRA Table 4's 4.7M is 4,718,592 rounded to 0.1M
+    assert rows["GPT-3 175B trainable params, r=1 on q,v"].ratio == pytest.approx(1, abs=0.005)
+    assert rows["LLaMA 65B QLoRA, adapters"].estimated == pytest.approx(1.0)  # 1e6 bytes = 1 MB

@@ -115,6 +115,24 @@ PAPER_FIGURES = (
                 "breakdown:optimizer_state", "fp32 Adam moments: 4x the 16-bit adapters"),
 )
 
+# The rest of the papers' memory figures: benchmarks/bench_estimate.py prints these after PAPER_FIGURES (the table
+# notebook 05 shows, kept to one screen). QLoRA Fig. 6 (Appendix G): model, adapters and optimizer per size, in MB.
+_FIG6 = (("llama-7b", "7B", 5046, 288, 1152), ("llama-13b", "13B", 8476, 450, 1800),
+         ("llama-33b", "33B", 19302, 877.5, 3510), ("llama-65b", "65B", 37074, 1440, 5760))
+MORE_PAPER_FIGURES = (
+    PaperFigure("GPT-3 175B trainable params, r=1 on q,v", "LoRA Table 4", 4.7e6, "params", "gpt3-175b", "lora",
+                dict(r=1, target_modules=QV), "trainable_params", "formula 2·96·12288·r·2"),
+    PaperFigure("GPT-3 175B checkpoint, full fine-tuning", "LoRA §4.2", 350, "GB", "gpt3-175b", "full", {},
+                "adapter_bytes", "every weight is the checkpoint"),
+    *(PaperFigure(f"LLaMA {size} QLoRA, {what}", "QLoRA Fig. 6", value, "MB", preset, "qlora", _QLORA_G,
+                  f"breakdown:{field}", "")
+      for preset, size, model_mb, adapter_mb, optimizer_mb in _FIG6
+      for what, value, field in (("4-bit model", model_mb, "frozen_weights"),
+                                 ("adapters", adapter_mb, "trainable_weights"),
+                                 ("optimizer state", optimizer_mb, "optimizer_state"))
+      if (size, what) != ("65B", "optimizer state")),  # that one is in PAPER_FIGURES
+)
+
 _SCALE = {"params": 1, "MB": 10**6, "GB": 10**9}
 
 
