@@ -20,7 +20,8 @@ import torch
 from lora_lab.data import load_task
 from lora_lab.hf import export_hf
 from lora_lab.lora import LoraConfig
-from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
+from lora_lab.checkpoint import load_base_model
+from lora_lab.model import LlamaConfig, LlamaForCausalLM
 from lora_lab.train import DEFAULT_LR, finetune
 
 

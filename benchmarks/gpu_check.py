@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lora_lab.estimator import estimate  # noqa: E402
 from lora_lab.lora import LoraConfig  # noqa: E402
-from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model  # noqa: E402
+from lora_lab.checkpoint import load_base_model  # noqa: E402
+from lora_lab.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from lora_lab.nf4 import quantize  # noqa: E402
 from lora_lab.train import make_optimizer, measure, prepare_model  # noqa: E402
 

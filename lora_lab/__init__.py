@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 from .lora import LoraConfig, LoRALinear, LoRALayer, ParameterCount, count_parameters  # noqa: F401
 from .inject import apply_lora, lora_layers, merge_lora, unload, unmerge_lora  # noqa: F401
 from .adapter import load_adapter, save_adapter  # noqa: F401
-from .model import LlamaConfig, LlamaForCausalLM, load_base_model  # noqa: F401
+from .model import LlamaConfig, LlamaForCausalLM  # noqa: F401
+from .checkpoint import load_base_model  # noqa: F401
 from .data import get_tokenizer, load_task, pretraining_corpus  # noqa: F401
 from .sampling import generate  # noqa: F401
 from .hf import export_hf, import_hf  # noqa: F401

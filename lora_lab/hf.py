@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ._io import read_json
+from .checkpoint import load_checkpoint, read_checkpoint
 from .data import CharTokenizer
-from .model import LlamaConfig, LlamaForCausalLM, load_checkpoint, read_checkpoint, resolve_device
+from .model import LlamaConfig, LlamaForCausalLM, resolve_device
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -79,7 +80,7 @@ def import_hf(directory, device=None, strict: bool = False) -> LlamaForCausalLM:
     built or any tensor is read.
 
     Args:
-        device: as in `lora_lab.model.load_base_model`: None picks CUDA when available; "cuda" without CUDA
+        device: as in `lora_lab.checkpoint.load_base_model`: None picks CUDA when available; "cuda" without CUDA
             falls back to the CPU with a warning, or raises ValueError when ``strict``.
 
     Raises:

@@ -17,7 +17,8 @@ import time
 import torch
 
 from lora_lab.data import encode_batch, get_tokenizer, pretraining_corpus
-from lora_lab.model import WEIGHTS_DIR, LlamaConfig, LlamaForCausalLM, save_base_model
+from lora_lab.checkpoint import WEIGHTS_DIR, save_base_model
+from lora_lab.model import LlamaConfig, LlamaForCausalLM
 
 SEQ_LEN = 48
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.data import ALPHABET, TASKS, Rng, get_tokenizer, load_task, pretraining_corpus
-from lora_lab.model import load_base_model
+from lora_lab.checkpoint import load_base_model
 
 # sha256 of the first examples, recorded once; a change means the generated data changed everywhere.
 GOLDEN = {

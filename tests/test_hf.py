@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lora_lab.hf import export_hf, import_hf
-from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
+from lora_lab.checkpoint import load_base_model
+from lora_lab.model import LlamaConfig, LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers", reason="test extra: pip install 'lora_lab[test]'")
 

@@ -12,7 +12,8 @@ from model_state import assert_unchanged, snapshot
 from lora_lab.data import get_tokenizer, load_task
 from lora_lab.inject import lora_layers
 from lora_lab.lora import LoraConfig
-from lora_lab.model import LlamaConfig, LlamaForCausalLM, load_base_model
+from lora_lab.checkpoint import load_base_model
+from lora_lab.model import LlamaConfig, LlamaForCausalLM
 from lora_lab.train import StopTraining, finetune
 
 QUICK = dict(steps=4, batch_size=8, eval_every=2, eval_examples=16, measure_memory=True, device="cpu")
