@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ._io import FLOAT_CODES, read_header, read_json, read_safetensors
+from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safetensors
 from .model import LlamaConfig, LlamaForCausalLM, resolve_device
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -33,9 +33,8 @@ def load_checkpoint(model: LlamaForCausalLM, state_dict: dict) -> None:
         state_dict = {**state_dict}
         state_dict.setdefault("lm_head.weight", state_dict.get("model.embed_tokens.weight"))
     _check_fits(expected, {k: (tuple(v.shape), v.is_floating_point()) for k, v in state_dict.items() if v is not None})
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"tensor '{name}' holds NaN or inf; the checkpoint is damaged (or training diverged).")
+    check_finite({k: v for k, v in state_dict.items() if v is not None}, "the checkpoint",
+                 "Load a checkpoint saved before training diverged.")
     model.load_state_dict(state_dict, strict=True)
 
 
