@@ -95,3 +95,12 @@ def test_loss_grid_has_one_panel_per_convention_and_one_line_per_rank():
     fig, artists = plots.plot_loss_grid(curves)
     assert [len(ax.get_lines()) for ax in artists["axes"]] == [2, 2]
     assert math.isclose(artists["axes"][1].get_lines()[1].get_ydata()[-1], 0.2)
+
+
+def test_loss_grid_shares_one_y_axis_that_holds_every_curve_overshoots_included():
+    # the second panel's overshoot (30 > anything in the first) must not be cut off by the first panel's limits
+    curves = {"a": {2: [1.0, 0.5, 0.1]}, "b": {2: [1.0, 30.0, 0.01]}}
+    fig, artists = plots.plot_loss_grid(curves)
+    low, high = artists["axes"][0].get_ylim()
+    assert low < 0.01 and high > 30.0
+    assert artists["axes"][1].get_ylim() == (low, high)

@@ -104,6 +104,11 @@ def test_histograms_draw_one_series_per_target():
     werr, oerr = merge_errors(w, d, Quantized, x=torch.randn(3, 64))
     fig, axes = plot_error_histograms(werr, oerr)
     assert len(axes) == 2 and len(axes[0].patches) == 3
+    # one legend, below both panels (outside every axes), so it covers no histogram
+    assert [ax.get_legend() for ax in axes] == [None, None] and len(fig.legends) == 1
+    fig.canvas.draw()
+    legend_box = fig.legends[0].get_window_extent()
+    assert all(legend_box.y1 <= ax.get_window_extent().y0 for ax in axes)
 
 
 @settings(max_examples=4, deadline=None)

@@ -64,6 +64,23 @@ def test_curve_highlight_takes_the_chosen_curve():
     assert plots.final_values(curves) == {1: 1.0, 8: 0.5, "full": 0.4}
 
 
+def test_readout_says_the_ratio_to_the_reference_and_when_the_threshold_was_crossed():
+    curves = {1: ([0, 10, 20], [2.0, 0.5, 0.2]), 8: ([0, 10, 20], [2.0, 0.05, 0.02]),
+              "full": ([0, 10, 20], [2.0, 0.01, 0.01])}
+    assert plots.first_below(*curves[8], 0.1) == 10 and plots.first_below(*curves[1], 0.1) is None
+    assert plots.loss_readout(curves, 8, "full", 0.1) == "r = 8: final 0.020 (2.0x full)\nbelow 0.1 from step 10"
+    assert plots.loss_readout(curves, 1, "full", 0.1) == "r = 1: final 0.200 (20.0x full)\nnever below 0.1 in 20 steps"
+    fig, artists = plots.plot_loss_curves(curves, 1, threshold=0.1)
+    plots.update_loss_curves(artists, 8)
+    assert artists["text"].get_text() == plots.loss_readout(curves, 8, "full", 0.1)
+    assert any(list(line.get_ydata()) == [0.1, 0.1] for line in fig.axes[0].get_lines())  # the dotted level
+
+
+def test_exact_match_axes_show_the_whole_scale():
+    fig, artists = plots.plot_rank_summary([1, 2], [10, 20], [1.0, 0.5], [0.83, 0.99])
+    assert [ax.get_ylim() for ax in artists["axes"][2:]] == [(0, 1.05), (0, 1.05)]
+
+
 def test_summary_targets_similarity_and_live_figures_hold_their_data():
     fig, artists = plots.plot_rank_summary([1, 2], [10, 20], [1.0, 0.5], [0.1, 0.2], full={"loss": 0.4,
                                                                                           "accuracy": 0.3})

@@ -30,15 +30,24 @@ def test_fit_plot_draws_one_line_per_gpu():
     assert bars["a"][0].get_y() == 30
 
 
-def test_fit_explorer_figure_keeps_its_axis_and_labels_clipped_bars():
-    data = estimate_bars_data({"lora": {"w": 30 * GiB}, "full": {"w": 150 * GiB}})
+def test_fit_explorer_axis_is_fixed_and_logarithmic_so_bars_far_apart_stay_apart():
+    data = estimate_bars_data({"qlora": {"w": 30 * GiB}, "lora": {"w": 120 * GiB}, "full": {"w": 730 * GiB}})
     fig, ax, bars, labels = plot_fit_explorer(data, gpu_sizes=(24, 80))
-    assert ax.get_ylim() == pytest.approx((0, 100))  # 1.25 x the largest GPU
-    assert [label.get_text() for label in labels] == ["", ""]
+    assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((1, 4096))
+    assert [label.get_text() for label in labels] == ["", "", ""]
     update_fit(ax, bars, labels, data)
-    assert [label.get_text() for label in labels] == ["30.0 GiB", "150.0 GiB (clipped)"]
-    assert labels[1].get_position()[1] == pytest.approx(93)  # inside the axes, not above it
-    assert ax.get_ylim() == pytest.approx((0, 100)) and bars["w"][1].get_height() == 150
+    assert [label.get_text() for label in labels] == ["30.0 GiB", "120.0 GiB", "730.0 GiB"]
+    heights = [bar.get_height() for bar in bars["w"]]
+    assert heights == [30, 120, 730] and all(h < ax.get_ylim()[1] for h in heights)  # none clipped: all differ
+    assert ax.get_ylim() == pytest.approx((1, 4096))  # redraws move bars, never the axis
+
+
+def test_fit_explorer_labels_a_bar_above_the_axis_as_clipped_and_keeps_the_label_inside():
+    data = estimate_bars_data({"huge": {"w": 5000 * GiB}})
+    fig, ax, bars, labels = plot_fit_explorer(data, gpu_sizes=(24,))
+    update_fit(ax, bars, labels, data)
+    assert labels[0].get_text() == "5,000.0 GiB (clipped)"
+    assert labels[0].get_position()[1] < ax.get_ylim()[1]
 
 
 def test_paper_comparison_converts_to_paper_units():

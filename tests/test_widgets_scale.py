@@ -36,9 +36,10 @@ def test_preset_switch_changes_fit_readout():
     assert "<b>qlora</b>" in box.readout.value and "fits on: 24 GB" in box.readout.value
     box.controls["preset"].value = "big"
     assert "none of these GPUs" in box.readout.value
-    # the axis stays at 0-100 GiB; bars above it are clipped and say so in their label
-    assert box.figure.axes[0].get_ylim() == (0, 100)
-    assert box.labels[0].get_text() == f"{box.current.totals[0]:,.1f} GiB (clipped)"
+    # the log axis stays fixed at 1-4096 GiB across presets; each bar's label gives its total
+    assert box.figure.axes[0].get_ylim() == (1, 4096)
+    total = box.current.totals[0]
+    assert box.labels[0].get_text() == f"{total:,.1f} GiB" + (" (clipped)" if total > 4096 else "")
 
 
 def test_rank_and_targets_only_move_adapter_methods():

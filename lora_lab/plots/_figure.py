@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -20,14 +21,26 @@ def palette_color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
-def new_figure(*, width: float = 7.0, height: float = 3.2, ncols: int = 1, nrows: int = 1, dpi: int = 80):
-    """A figure outside pyplot (so a notebook shows it only when asked) with an Agg canvas; small, so stored
-    PNGs stay small. Keyword arguments only, so a call reads the same wherever it is.
+# A stored figure must read on a projector: at least this many pixels wide (a 7-inch figure at 120 dpi is 840).
+MIN_WIDTH_PX = 800
+DPI = 120
+
+
+def figure_dpi(width: float, dpi: int | None = None) -> int:
+    """The dpi a figure `width` inches wide is drawn at: `dpi`, or `DPI` raised until it is `MIN_WIDTH_PX` wide."""
+    if dpi is not None:
+        return dpi
+    return max(DPI, math.ceil(MIN_WIDTH_PX / width))
+
+
+def new_figure(*, width: float = 7.0, height: float = 3.2, ncols: int = 1, nrows: int = 1, dpi: int | None = None):
+    """A figure outside pyplot (so a notebook shows it only when asked) with an Agg canvas, at least
+    `MIN_WIDTH_PX` wide (`figure_dpi`). Keyword arguments only, so a call reads the same wherever it is.
 
     Returns:
         (fig, axes): ``axes`` is one Axes for a 1x1 grid, else a flat list (row by row).
     """
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=figure_dpi(width, dpi), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     return fig, (axes[0] if len(axes) == 1 else axes)

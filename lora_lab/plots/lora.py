@@ -136,7 +136,7 @@ def update_update_sizes(artists: dict, alpha: float, r: int) -> dict[str, float]
 
 
 def plot_loss_grid(curves: dict[str, dict[int, list[float]]]):
-    """One panel per scaling convention, one loss curve per rank (log y, shared)."""
+    """One panel per scaling convention, one loss curve per rank (log y, shared, spanning every curve's range)."""
     fig, axes = new_figure(ncols=len(curves), width=2.6 * len(curves), height=2.8)
     axes = axes if isinstance(axes, list) else [axes]
     ranks = sorted({r for per_rank in curves.values() for r in per_rank})
@@ -149,6 +149,8 @@ def plot_loss_grid(curves: dict[str, dict[int, list[float]]]):
     axes[0].legend(fontsize=8)
     for ax in axes[1:]:
         ax.sharey(axes[0])
+    every = np.concatenate([np.asarray(c, dtype=float) for per_rank in curves.values() for c in per_rank.values()])
+    axes[0].set_ylim(every.min() / 1.5, every.max() * 1.5)  # shared, and holding every curve: overshoots included
     return fig, {"axes": axes}
 
 

@@ -145,7 +145,8 @@ def plot_error_histograms(weight_err: Mapping[str, torch.Tensor], out_err: Mappi
         for i, (name, e) in enumerate(errs.items()):
             ax.hist(e.float().numpy(), bins=edges, histtype="step", color=palette_color(i), label=name, log=True)
         ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)  # no data
     return fig, axes
 
 

@@ -170,7 +170,7 @@ def plot_error_explorer(grid: dict, key: tuple):
     edges = np.linspace(-ERROR_RANGE, ERROR_RANGE, ERROR_BINS + 1)
     hist = ax.stairs(error_histogram(grid[key]["error"]), edges, fill=True, color=COLORS["nf4"], baseline=1e-3)
     ax.set(yscale="log", ylim=(1e-2, 300), xlim=(edges[0], edges[-1]), ylabel="density",
-           xlabel="quantization error / std(w)   (values beyond the edges are counted in the end bins)")
+           xlabel=f"quantization error / std(w)\n(the end bins also count errors beyond ±{ERROR_RANGE:g})")
     label = ax.text(0.02, 0.95, "", transform=ax.transAxes, va="top", fontsize=9)
     artists = {"hist": hist, "label": label, "grid": grid}
     update_error_explorer(artists, key)

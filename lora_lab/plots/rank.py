@@ -44,8 +44,14 @@ def final_values(curves: dict) -> dict:
     return {label: float(values[-1]) for label, (steps, values) in curves.items()}
 
 
-def plot_loss_curves(curves: dict, highlight, reference: str | None = "full", ylabel: str = "eval loss"):
-    """Every curve thin and gray, one highlighted (the slider's choice), the reference dashed black."""
+def plot_loss_curves(curves: dict, highlight, reference: str | None = "full", ylabel: str = "eval loss",
+                     threshold: float | None = None):
+    """Every curve thin and gray, one highlighted (the slider's choice), the reference dashed black.
+
+    Args:
+        threshold: a loss level drawn dotted; the readout then says at which step the highlighted curve first
+            falls below it (`first_below`), which is how fast that rank learns, not only where it ends.
+    """
     fig, ax = new_figure(width=6.0, height=3.2)
     for label, (steps, values) in curves.items():
         style = dict(color=COLORS["full"], ls="--", lw=1.5) if label == reference else dict(color="0.75", lw=1)
@@ -53,19 +59,41 @@ def plot_loss_curves(curves: dict, highlight, reference: str | None = "full", yl
     (line,) = ax.plot([], [], color=COLORS["highlight"], lw=2.5)
     every = np.concatenate([np.asarray(v, dtype=float) for _, v in curves.values()])
     ax.set(yscale="log", xlabel="step", ylabel=ylabel, ylim=(every.min() * 0.8, every.max() * 1.2))
+    if threshold is not None:
+        ax.axhline(threshold, color="k", ls=":", lw=1, label=f"loss {threshold:g}")
     text = ax.text(0.97, 0.95, "", transform=ax.transAxes, ha="right", va="top", fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
-    artists = {"line": line, "text": text, "curves": curves}
+    artists = {"line": line, "text": text, "curves": curves, "reference": reference, "threshold": threshold}
     update_loss_curves(artists, highlight)
     return fig, artists
 
 
+def first_below(steps, values, threshold: float):
+    """The first step at which ``values`` is below ``threshold``, or None if it never is."""
+    return next((int(s) for s, v in zip(steps, values) if v < threshold), None)
+
+
+def loss_readout(curves: dict, highlight, reference: str | None = None, threshold: float | None = None) -> str:
+    """The explorer's readout: the curve's final value, its ratio to the reference's, and when it crossed
+    ``threshold``, e.g. ``"r = 8: final 0.029 (5.8x full)\nbelow 0.1 from step 30"``."""
+    steps, values = curves[highlight]
+    name = highlight if isinstance(highlight, str) else f"r = {highlight}"
+    text = f"{name}: final {values[-1]:.3f}"
+    if reference is not None and reference in curves and reference != highlight:
+        text += f" ({values[-1] / curves[reference][1][-1]:.1f}x {reference})"
+    if threshold is not None:
+        step = first_below(steps, values, threshold)
+        text += (f"\nbelow {threshold:g} from step {step}" if step is not None
+                 else f"\nnever below {threshold:g} in {int(steps[-1])} steps")
+    return text
+
+
 def update_loss_curves(artists: dict, highlight) -> float:
-    """Highlight one curve; returns its final value."""
+    """Highlight one curve and write its readout (`loss_readout`); returns its final value."""
     steps, values = artists["curves"][highlight]
     artists["line"].set_data(steps, values)
-    name = highlight if isinstance(highlight, str) else f"r = {highlight}"
-    artists["text"].set_text(f"{name}: final {values[-1]:.3f}")
+    artists["text"].set_text(loss_readout(artists["curves"], highlight, artists.get("reference"),
+                                          artists.get("threshold")))
     return float(values[-1])
 
 
@@ -87,6 +115,8 @@ def plot_rank_summary(ranks, params, eval_loss, accuracy, full: dict | None = No
                 if col == 1 and "params" in full:
                     ax.plot([full["params"]], [full[key]], "s", color=COLORS["full"])
             ax.set(xscale="log", ylabel=label if col == 0 else None)
+            if key == "accuracy":
+                ax.set_ylim(0, 1.05)  # the whole scale: a 0.83-to-1.00 axis would make seed noise look large
             if row == 1:
                 ax.set_xlabel("rank r" if col == 0 else "trainable parameters")
     axes[0].set_xticks(list(ranks), [str(r) for r in ranks])

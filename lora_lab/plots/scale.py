@@ -42,24 +42,30 @@ def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None 
 
 
 def plot_fit_explorer(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None = None,
-                      headroom: float = 1.25):
-    """`plot_fit` on a y axis fixed at `headroom` times the largest GPU, with an (empty) total label per bar.
+                      ylim: tuple[float, float] = (1.0, 4096.0)):
+    """`plot_fit` on a fixed logarithmic y axis (`ylim`, GiB), with an (empty) total label per bar.
 
-    The axis is fixed so that `update_fit` moves only bars and labels; a bar above it is clipped and its label
-    says so. Returns (figure, axis, {category: bars}, [label per bar]).
+    The axis is logarithmic because one model's bars span two orders of magnitude (LLaMA-65B: QLoRA ~33 GiB,
+    LoRA ~120, full ~730), and a linear axis cut at the largest GPU would show LoRA and full as equal clipped
+    bars. It is fixed so that `update_fit` moves only bars and labels, and it holds every preset (GPT-3 175B full
+    fine-tuning is ~2,000 GiB). Returns (figure, axis, {category: bars}, [label per bar]).
     """
     fig, ax, bars = plot_fit(data, gpu_sizes, title=title)
-    ax.set_ylim(0, headroom * max(gpu_sizes))
-    labels = [ax.text(i, 0, "", ha="center", va="bottom", fontsize=8) for i in range(len(data.labels))]
+    ax.set_yscale("log")
+    ax.set_ylim(*ylim)
+    ticks = [t for t in (1, 4, 16, 64, 256, 1024, 4096) if ylim[0] <= t <= ylim[1]]
+    ax.set_yticks(ticks, [f"{t:,}" for t in ticks])
+    ax.set_ylabel(f"memory ({data.unit}, log scale)")
+    labels = [ax.text(i, ylim[0], "", ha="center", va="bottom", fontsize=8) for i in range(len(data.labels))]
     return fig, ax, bars, labels
 
 
 def update_fit(ax, bars, labels, data) -> None:
     """Show `data` (same labels and categories) in a figure from `plot_fit_explorer`: bar heights and total labels."""
     update_stacked_bars(bars, data)
-    top = ax.get_ylim()[1]
+    low, top = ax.get_ylim()
     for label, total in zip(labels, data.totals):
-        label.set_position((label.get_position()[0], min(total, 0.93 * top)))
+        label.set_position((label.get_position()[0], min(max(total, low) * 1.05, top / 1.5)))
         label.set_text(f"{total:,.1f} GiB" + (" (clipped)" if total > top else ""))
 
 
@@ -104,13 +110,13 @@ PAPER_FIGURES = (
     PaperFigure("LLaMA 65B QLoRA, total", "QLoRA Fig. 6", 45.0, "GB", "llama-65b", "qlora", _QLORA_G,
                 "total_bytes", "r=64 all linear, batch 1, seq 512; '<48GB' in the abstract"),
     PaperFigure("LLaMA 33B QLoRA, total", "QLoRA Fig. 6", 24.7, "GB", "llama-33b", "qlora", _QLORA_G,
-                "total_bytes", "above 24 GB: why paged optimizers matter"),
+                "total_bytes", "24.7 GB = 23.0 GiB: a '24 GB' card (24 GiB) with little to spare"),
     PaperFigure("LLaMA 13B QLoRA, total", "QLoRA Fig. 6", 11.3, "GB", "llama-13b", "qlora", _QLORA_G,
                 "total_bytes", ""),
     PaperFigure("LLaMA 7B QLoRA, total", "QLoRA Fig. 6", 6.9, "GB", "llama-7b", "qlora", _QLORA_G,
                 "total_bytes", ""),
     PaperFigure("LLaMA 7B, 4-bit base model", "QLoRA §2", 5048, "MB", "llama-7b", "qlora", _QLORA_G,
-                "breakdown:frozen_weights", "measured on a GPU: includes CUDA context and buffers"),
+                "breakdown:frozen_weights", "the paper does not say what its 1.2 GB more holds"),
     PaperFigure("LLaMA 65B QLoRA, optimizer state", "QLoRA Fig. 6", 5760, "MB", "llama-65b", "qlora", _QLORA_G,
                 "breakdown:optimizer_state", "fp32 Adam moments: 4x the 16-bit adapters"),
 )

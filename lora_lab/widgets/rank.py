@@ -11,12 +11,14 @@ from ._view import FigureView, e2e_slider
 
 
 def curve_explorer(curves: dict, highlight=None, reference: str | None = "full",
-                   ylabel: str = "eval loss") -> widgets.VBox:
+                   ylabel: str = "eval loss", threshold: float | None = None) -> widgets.VBox:
     """A slider over the curves' labels (ranks, computed once when the notebook runs) highlighting one.
 
     Args:
         curves: ``{label: (steps, values)}``; labels are ranks, plus ``reference`` (drawn dashed, not on the
             slider).
+        threshold: a loss level; the readout says when the chosen rank first fell below it
+            (`lora_lab.plots.rank.loss_readout`).
 
     Returns:
         A VBox(slider, figure) with ``.slider``, ``.view``, ``.artists`` and ``.final`` (highlighted curve's
@@ -26,7 +28,7 @@ def curve_explorer(curves: dict, highlight=None, reference: str | None = "full",
     if not options:
         raise ValueError("curves needs at least one labeled curve besides the reference.")
     highlight = options[0] if highlight is None else highlight
-    fig, artists = plots.plot_loss_curves(curves, highlight, reference, ylabel)
+    fig, artists = plots.plot_loss_curves(curves, highlight, reference, ylabel, threshold)
     view = FigureView(fig, animated=[artists["line"], artists["text"]])
     slider = e2e_slider(widgets.SelectionSlider(options=options, value=highlight, description="rank r"))
     box = widgets.VBox([slider, view.image])
