@@ -30,9 +30,10 @@ def fits_on(total_bytes: float, gpu_sizes: Sequence[float] = GPU_SIZES_GB) -> tu
     return tuple(g for g in gpu_sizes if total_bytes <= g * UNITS["GiB"])
 
 
-def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None = None):
+def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None = None, yscale: str = "linear"):
     """Stacked bars with a dashed horizontal line at each GPU size. Returns (figure, axis, {category: bars})."""
     fig, ax = new_figure(width=7.0, height=3.5)
+    ax.set_yscale(yscale)  # before the GPU-size axis below, which copies the scale when it is made
     _, bars = plot_stacked_bars(data, ax=ax, title=title, legend_x=1.17)  # right of the GPU-size ticks
     for g in gpu_sizes:
         ax.axhline(g, color="0.4", linestyle="--", linewidth=1)
@@ -50,8 +51,7 @@ def plot_fit_explorer(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: st
     bars. It is fixed so that `update_fit` moves only bars and labels, and it holds every preset (GPT-3 175B full
     fine-tuning is ~2,000 GiB). Returns (figure, axis, {category: bars}, [label per bar]).
     """
-    fig, ax, bars = plot_fit(data, gpu_sizes, title=title)
-    ax.set_yscale("log")
+    fig, ax, bars = plot_fit(data, gpu_sizes, title=title, yscale="log")
     ax.set_ylim(*ylim)
     ticks = [t for t in (1, 4, 16, 64, 256, 1024, 4096) if ylim[0] <= t <= ylim[1]]
     ax.set_yticks(ticks, [f"{t:,}" for t in ticks])
