@@ -102,3 +102,11 @@ def test_summary_targets_similarity_and_live_figures_hold_their_data():
     plots.update_live(artists, H)
     np.testing.assert_allclose(artists["train"].get_xdata(), [1, 2])
     np.testing.assert_allclose(artists["eval"].get_ydata(), [3.5, 2.5])
+
+
+def test_target_bars_under_the_budget_are_hatched_so_they_do_not_read_as_like_for_like():
+    results = {"q": {"r": 14, "params": 100, "loss": 0.2, "accuracy": 0.7},
+               "all linear": {"r": 1, "params": 65, "loss": 0.01, "accuracy": 1.0}}
+    fig, artists = plots.plot_targets(results)
+    assert [bar.get_hatch() for bar in artists["accuracy"]] == [None, "//"]
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["q\nr = 14\n100", "all linear\nr = 1\n65"]

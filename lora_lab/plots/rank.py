@@ -126,7 +126,8 @@ def plot_rank_summary(ranks, params, eval_loss, accuracy, full: dict | None = No
 
 
 def plot_targets(results: dict):
-    """Bars of final eval loss and accuracy per target-module choice, labeled with rank and parameters.
+    """Bars of final eval loss and accuracy per target-module choice, labeled with rank and parameters; a choice
+    with fewer parameters than the largest (under the budget, so not like for like) is hatched.
 
     Args:
         results: ``{label: {"r", "params", "loss", "accuracy"}}``.
@@ -134,9 +135,12 @@ def plot_targets(results: dict):
     fig, (ax_l, ax_a) = new_figure(ncols=2, width=7.0, height=2.8)
     labels = list(results)
     x = np.arange(len(labels))
-    ticks = [f"{k}\nr={v['r']}, {v['params']:,}" for k, v in results.items()]
-    bars_l = ax_l.bar(x, [v["loss"] for v in results.values()], color=COLORS["lora"])
-    bars_a = ax_a.bar(x, [v["accuracy"] for v in results.values()], color=COLORS["lora"])
+    ticks = [f"{k}\nr = {v['r']}\n{v['params']:,}" for k, v in results.items()]
+    budget = max(v["params"] for v in results.values())
+    hatch = ["//" if v["params"] < budget else None for v in results.values()]  # under budget: not like for like
+    bars_l = ax_l.bar(x, [v["loss"] for v in results.values()], color=COLORS["lora"], hatch=hatch, edgecolor="white")
+    bars_a = ax_a.bar(x, [v["accuracy"] for v in results.values()], color=COLORS["lora"], hatch=hatch,
+                      edgecolor="white")
     for ax, name in ((ax_l, "eval loss"), (ax_a, "exact match")):
         ax.set_xticks(x, ticks, fontsize=8)
         ax.set_ylabel(name)
