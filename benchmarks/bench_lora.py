@@ -69,9 +69,9 @@ def run(dim: int, tokens: tuple, r: int, dtype: torch.dtype, repeats: int) -> li
     ours = LoRALinear(copy.deepcopy(frozen), r=r, lora_alpha=2 * r)
     theirs = peft_layer(copy.deepcopy(frozen), r, 2 * r)
     for layer in (ours, theirs):  # nonzero B, identical in both, so both do the same arithmetic
-        nn.init.normal_(layer.lora_B.weight if layer is ours else layer.lora_B["default"].weight, std=0.01)
-    theirs.lora_B["default"].weight.data.copy_(ours.lora_B.weight)
-    theirs.lora_A["default"].weight.data.copy_(ours.lora_A.weight)
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+    theirs.lora_B["default"].weight.data.copy_(ours.lora_B["default"].weight)
+    theirs.lora_A["default"].weight.data.copy_(ours.lora_A["default"].weight)
     x = torch.randn(*tokens, dim, dtype=dtype, requires_grad=True)
     # Same function, so the timings compare like with like. PEFT keeps adapters in fp32 under a bf16 base
     # (its default autocast_adapter_dtype=True); ours follow the base dtype, so they agree to bf16 rounding.

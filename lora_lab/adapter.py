@@ -2,7 +2,9 @@
 
 A directory written by `save_adapter` loads with ``peft.PeftModel.from_pretrained(base, path)``, and one written
 by ``PeftModel.save_pretrained`` loads with `load_adapter`. Tensors are named
-``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r), as PEFT names them.
+``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r), as PEFT names them:
+the adapter's name is not part of the file. A model with several adapters (`lora_lab.add_adapter`) is saved as
+PEFT saves one: ``"default"`` in the directory itself, every other adapter in a subdirectory of its name.
 Only safetensors are read: a pickled ``adapter_model.bin`` can run code when loaded, so it is refused.
 """
 
@@ -17,9 +19,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safetensors
-from .inject import apply_lora, is_transformers_model, lora_layers, lora_targets, output_head_names, target_matches
-from .lora import ALL_LINEAR, LoraConfig, LoRALinear, is_linear_like
+from .inject import apply_lora, is_transformers_model, lora_layers, lora_targets, targets_before_wrapping
+from .lora import ALL_LINEAR, DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_adapter_name
 from .model import LlamaForCausalLM
+from .multi_adapter import add_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -32,17 +35,20 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, 
                 "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = "auto") -> Path:
-    """Write the model's LoRA weights and config as a PEFT adapter directory.
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = "auto",
+                 selected_adapters: list[str] | None = None) -> Path:
+    """Write the model's LoRA adapters and configs as PEFT adapter directories.
 
     Args:
         model: A model with LoRA layers (from `apply_lora` or `load_adapter`).
-        path: Directory to create or overwrite files in.
+        path: Directory to create or overwrite files in. Adapter ``"default"`` goes into it; any other adapter
+            into ``path / name`` (PEFT's ``save_pretrained`` layout).
         task_type: PEFT's task type; ``PeftModel.from_pretrained`` picks its wrapper class by it. ``"auto"``
             reads it from the model: ``"CAUSAL_LM"`` for the kit's `LlamaForCausalLM` and for a transformers
             causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``, ...), which PEFT wraps in ``PeftModelForCausalLM``
             (it needs ``prepare_inputs_for_generation``); None (null) for any other module, which loads as a
             plain ``PeftModel``.
+        selected_adapters: The adapters to save (PEFT's argument); None saves every one.
 
     Returns:
         The directory path.
@@ -50,41 +56,45 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
     layers = lora_layers(model)
     if not layers:
         raise ValueError("The model has no LoRA layers to save; call apply_lora(model, config) first.")
-    config = _model_config(model, layers)
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight  # (r, in)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight  # (out, r)
-    for name in _bias_names(model, config.bias):
-        tensors[PREFIX + name] = model.get_parameter(name)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    targets = config.target_modules
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        targets = sorted(layers)  # explicit names: PEFT's own "all-linear" keeps lm_head on non-transformers models
+    configs = _model_configs(model, layers)
+    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in configs]
+    if unknown or not names:
+        raise ValueError(f"selected_adapters={selected_adapters!r}: the model's adapters are {list(configs)}.")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
     task_type = _task_type(model) if task_type == "auto" else task_type
-    _write_atomic(path / CONFIG_NAME, json.dumps(_peft_config_dict(config, targets, task_type), indent=2).encode())
+    for adapter in names:
+        _save_one(model, layers, adapter, configs[adapter], path if adapter == DEFAULT_ADAPTER else path / adapter,
+                  task_type)
     return path
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a PEFT LoRA adapter (saved by `save_adapter` or by PEFT) onto ``model``.
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Load a PEFT LoRA adapter (saved by `save_adapter` or by PEFT) onto ``model`` as ``adapter_name``.
 
-    A plain model gets LoRA applied with the file's config; a model already wrapped must have the same layers,
-    ``r``, ``lora_alpha``, ``use_rslora`` and target layers. Everything (files, config, tensor names, shapes,
-    dtypes, values) is checked before the model changes, so a failed load leaves it exactly as it was; names,
-    shapes and dtypes are read from the safetensors header before any tensor data.
+    A plain model gets LoRA applied with the file's config. On a model that already has LoRA, a new
+    ``adapter_name`` is added beside the others (`add_adapter`; the active adapter stays active, as PEFT's
+    ``load_adapter`` does), and an existing one is overwritten, which needs the same ``r``, ``lora_alpha``,
+    ``use_rslora`` and target layers. Everything (files, config, tensor names, shapes, dtypes, values) is
+    checked before the model changes, so a failed load leaves it exactly as it was; names, shapes and dtypes
+    are read from the safetensors header before any tensor data.
 
     Returns:
         The same model object, with the adapter's weights in its `LoRALinear` layers.
     """
+    check_adapter_name(adapter_name)
     config = read_adapter_config(path)
     file = Path(path) / WEIGHTS_NAME
     header, _ = read_header(file, FIX)
     wrapped = lora_layers(model)
-    names = _check_wrapped(model, wrapped, config) if wrapped else lora_targets(model, config)
+    existing = getattr(model, "peft_config", {}) if wrapped else {}
+    if adapter_name in existing:
+        names, fresh = _check_wrapped(model, wrapped, config, adapter_name), False
+    elif wrapped:
+        names, fresh = targets_before_wrapping(model, wrapped, config.target_modules), True
+        _check_bias(model, config)
+    else:
+        names, fresh = lora_targets(model, config), True
     shapes = _expected_shapes(model, names, config, wrapped=bool(wrapped))
     missing = sorted(set(shapes) - set(header))
     unknown = sorted(set(header) - set(shapes))
@@ -102,11 +112,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              f"({', '.join(FLOAT_CODES)}).")
     tensors, _ = read_safetensors(file, FIX)
     check_finite(tensors, WEIGHTS_NAME, "Train or save the adapter again.")
-    if not wrapped:
-        apply_lora(model, config)
+    if fresh and not wrapped:
+        apply_lora(model, config, adapter_name)
+    elif fresh:
+        add_adapter(model, adapter_name, config)
     with torch.no_grad():
         for key, tensor in tensors.items():
-            model.get_parameter(key[len(PREFIX):]).copy_(tensor)
+            model.get_parameter(_parameter_name(key, adapter_name)).copy_(tensor)
     return model
 
 
@@ -164,16 +176,52 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _model_config(model: nn.Module, layers: dict[str, LoRALinear]) -> LoraConfig:
-    """``model.lora_config``, checked against the layers (or rebuilt from them if the model has none)."""
-    first = next(iter(layers.values()))
-    config = getattr(model, "lora_config", None) or LoraConfig(
-        r=first.r, lora_alpha=first.lora_alpha, use_rslora=first.use_rslora, target_modules=tuple(layers))
-    for name, layer in layers.items():
-        if (layer.r, layer.lora_alpha, layer.use_rslora) != (config.r, config.lora_alpha, config.use_rslora):
-            raise ValueError(f"LoRA layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, but the config "
-                             f"says r={config.r}, lora_alpha={config.lora_alpha}; PEFT's format needs one setting.")
-    return config
+def _save_one(model: nn.Module, layers: dict[str, LoRALinear], adapter: str, config: LoraConfig, path: Path,
+              task_type: str | None) -> None:
+    """One adapter's two files: its factors (and the biases ``config.bias`` saves) and its config."""
+    holders = {name: layer for name, layer in layers.items() if adapter in layer.lora_A}
+    tensors = {}
+    for name, layer in holders.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter].weight  # (r, in)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter].weight  # (out, r)
+    for name in _bias_names(model, config.bias):
+        tensors[PREFIX + name] = model.get_parameter(name)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = sorted(holders)  # explicit names: PEFT's own "all-linear" keeps lm_head on non-transformers models
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
+    _write_atomic(path / CONFIG_NAME, json.dumps(_peft_config_dict(config, targets, task_type), indent=2).encode())
+
+
+def _parameter_name(key: str, adapter: str) -> str:
+    """File key -> model parameter: ``base_model.model.x.lora_A.weight`` -> ``x.lora_A.<adapter>.weight``."""
+    name = key[len(PREFIX):]
+    for factor in (".lora_A.weight", ".lora_B.weight"):
+        if name.endswith(factor):
+            return name[:-len(".weight")] + f".{adapter}.weight"
+    return name
+
+
+def _model_configs(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, LoraConfig]:
+    """``model.peft_config``, checked against the layers (or rebuilt from them if the model has none)."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        first = next(iter(layers.values()))
+        name = first.active_adapter
+        configs = {name: LoraConfig(r=first.r[name], lora_alpha=first.lora_alpha[name],
+                                    use_rslora=first.use_rslora[name], target_modules=tuple(layers))}
+    for adapter, config in configs.items():
+        for name, layer in layers.items():
+            if adapter not in layer.lora_A:
+                continue
+            mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter])
+            if mine != (config.r, config.lora_alpha, config.use_rslora):
+                raise ValueError(f"LoRA layer {name!r} has r={mine[0]}, lora_alpha={mine[1]} for adapter "
+                                 f"{adapter!r}, but its config says r={config.r}, lora_alpha={config.lora_alpha}; "
+                                 "PEFT's format needs one setting per adapter.")
+    return configs
 
 
 def _bias_names(model: nn.Module, bias: str) -> list[str]:
@@ -186,36 +234,34 @@ def _bias_names(model: nn.Module, bias: str) -> list[str]:
     return []
 
 
-def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: LoraConfig) -> list[str]:
-    """For a model that already has LoRA: same hyperparameters and target layers as the file, and not merged."""
-    bias = getattr(getattr(model, "lora_config", None), "bias", "none")
+def _check_bias(model: nn.Module, config: LoraConfig) -> None:
+    configs = getattr(model, "peft_config", None) or {}
+    bias = next(iter(configs.values())).bias if configs else "none"
     if bias != config.bias:
         raise ValueError(f"The model was set up with bias={bias!r}, the adapter with bias={config.bias!r}; "
                          "load it onto the plain model instead.")
+
+
+def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: LoraConfig, adapter: str) -> list[str]:
+    """Overwriting adapter ``adapter``: same hyperparameters and target layers as the file, and not merged."""
+    _check_bias(model, config)
+    holders = {name: layer for name, layer in wrapped.items() if adapter in layer.lora_A}
     for name, layer in wrapped.items():
         if layer.merged:
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before loading weights.")
-        if (layer.r, layer.lora_alpha, layer.use_rslora) != (config.r, config.lora_alpha, config.use_rslora):
-            raise ValueError(f"The model's LoRA layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
-                             f"use_rslora={layer.use_rslora}; the adapter has r={config.r}, lora_alpha="
-                             f"{config.lora_alpha}, use_rslora={config.use_rslora}. Load it onto the plain model.")
-    targets = _targets_before_wrapping(model, wrapped, config.target_modules)
-    if set(targets) != set(wrapped):
+    for name, layer in holders.items():
+        mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter])
+        if mine != (config.r, config.lora_alpha, config.use_rslora):
+            raise ValueError(f"The model's LoRA layer {name!r} has r={mine[0]}, lora_alpha={mine[1]}, "
+                             f"use_rslora={mine[2]} for adapter {adapter!r}; the file has r={config.r}, lora_alpha="
+                             f"{config.lora_alpha}, use_rslora={config.use_rslora}. Load it under another "
+                             "adapter_name, or onto the plain model.")
+    targets = targets_before_wrapping(model, wrapped, config.target_modules)
+    if set(targets) != set(holders):
         raise ValueError(f"The adapter's target_modules={config.target_modules!r} select {_short(sorted(targets))}, "
-                         f"but the model's LoRA layers are {_short(sorted(wrapped))}. Load it onto the plain model "
-                         "(unload(model) first), or apply_lora with the adapter's target_modules.")
-    return list(wrapped)
-
-
-def _targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], targets) -> list[str]:
-    """The names ``targets`` selects, read on the model as it was before its layers were wrapped."""
-    inside = tuple(f"{name}." for name in wrapped)
-    names = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
-    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
-        return [n for n in names if target_matches(targets, n)]
-    linear = [n for n in names if n in wrapped or is_linear_like(model.get_submodule(n))]
-    heads = output_head_names(model, linear)
-    return [n for n in linear if n not in heads]
+                         f"but adapter {adapter!r} is on {_short(sorted(holders))}. Load it under another "
+                         "adapter_name, or onto the plain model (unload(model) first).")
+    return list(holders)
 
 
 def _expected_shapes(model: nn.Module, names: list[str], config: LoraConfig, wrapped: bool) -> dict[str, tuple]:

@@ -15,24 +15,33 @@ import sys
 import torch
 from torch import nn
 
-from .lora import ALL_LINEAR, LoraConfig, LoRALinear, check_rank, float_weight, is_linear_like
+from .lora import ALL_LINEAR, DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_flag, check_adapter_name, check_rank, \
+    float_weight, is_linear_like
 
 
-def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Wrap every layer matched by ``config.target_modules`` in a `LoRALinear`, in place.
 
     Everything is checked before anything changes: no match, a match that is not linear, or a model that
     already has LoRA layers raise and leave the model untouched. Afterwards only ``lora_A``/``lora_B`` (and
-    the biases ``config.bias`` asks for) require grad, and ``model.lora_config`` holds the config.
+    the biases ``config.bias`` asks for) require grad. As on a PEFT model, ``model.peft_config`` maps each
+    adapter's name to its config and ``model.active_adapter`` names the one in use; `lora_lab.add_adapter`
+    puts a second adapter beside the first.
+
+    Args:
+        model: The model to adapt in place.
+        config: Which layers, and with which rank and alpha.
+        adapter_name: The adapter's name (PEFT's ``adapter_name="default"``).
 
     Returns:
         The same model object.
     """
+    check_adapter_name(adapter_name)
     names = lora_targets(model, config)
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         wrappers = {name: LoRALinear(model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
-                                     config.use_rslora) for name in names}
+                                     config.use_rslora, adapter_name) for name in names}
     except Exception:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
@@ -40,7 +49,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     for name, wrapper in wrappers.items():
         set_submodule(model, name, wrapper)
     mark_trainable(model, config.bias)
-    model.lora_config = config
+    model.peft_config, model.active_adapter = {adapter_name: config}, adapter_name
     return model
 
 
@@ -77,14 +86,22 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer (``W0 <- W0 + scaling * B A``); all-or-nothing.
+def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge the active adapter into every LoRA layer (``W0 <- W0 + scaling * B A``); all-or-nothing.
 
     Refused before any weight changes when a base weight is shared with another module (tied embeddings)
-    or an update holds NaN/inf.
+    or an adapter factor holds NaN/inf.
+
+    Args:
+        model: A model with LoRA layers, none merged.
+        safe_merge: Also compute every merged weight ``W0 + scaling * B A`` before writing any, and refuse if
+            one holds NaN or inf (PEFT's ``safe_merge``). It catches what finite factors can still do: overflow
+            a float16 or bfloat16 weight. It costs one extra pass over the weights, which is why PEFT, and the
+            kit, leave it off by default.
     """
+    check_flag(safe_merge, "safe_merge")
     layers = _checked_layers(model, want_merged=False)
-    check_mergeable(model, layers)
+    check_mergeable(model, layers, safe_merge)
     for layer in layers.values():
         layer.merge()
     return model
@@ -111,8 +128,7 @@ def unload(model: nn.Module) -> nn.Module:
         if name == "":
             return layer.base_layer
         set_submodule(model, name, layer.base_layer)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    forget_adapters(model)
     return model
 
 
@@ -190,11 +206,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def mark_trainable(model: nn.Module, bias: str) -> None:
-    """Freeze everything but lora_A/lora_B, then unfreeze biases as PEFT's ``bias`` option says."""
+    """Freeze everything but the active adapter's lora_A/lora_B, then unfreeze biases as ``bias`` says."""
     model.requires_grad_(False)
     for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        if layer.active_adapter in layer.lora_A:
+            layer.lora_A[layer.active_adapter].requires_grad_(True)
+            layer.lora_B[layer.active_adapter].requires_grad_(True)
     if bias == "all":
         for name, p in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -211,8 +228,30 @@ def target_matches(targets, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def check_mergeable(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
-    """Merging writes into each base weight: refuse one shared with another module, or a non-finite result."""
+def forget_adapters(model: nn.Module) -> None:
+    """Drop the model-level adapter bookkeeping (``peft_config``, ``active_adapter``) once no wrapper is left."""
+    for attr in ("peft_config", "active_adapter"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], targets) -> list[str]:
+    """The names ``targets`` selects, read on the model as it was before its layers were wrapped."""
+    inside = tuple(f"{name}." for name in wrapped)
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return [n for n in names if target_matches(targets, n)]
+    linear = [n for n in names if n in wrapped or is_linear_like(model.get_submodule(n))]
+    heads = output_head_names(model, linear)
+    return [n for n in linear if n not in heads]
+
+
+def check_mergeable(model: nn.Module, layers: dict[str, LoRALinear], safe_merge: bool = True) -> None:
+    """Merging writes into each base weight: refuse one shared with another module, or non-finite values.
+
+    The adapter's factors must be finite; with ``safe_merge`` the merged weight ``W0 + scaling * B A`` must be
+    too (one layer's sum in memory at a time).
+    """
     def keys(p):  # the same Parameter, or another tensor over the same memory
         return [("id", id(p))] + ([] if p.is_meta else [("storage", p.untyped_storage().data_ptr())])
 
@@ -228,20 +267,27 @@ def check_mergeable(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
             raise ValueError(f"LoRA layer {name!r} shares its weight with {others[0]!r} (tied embeddings), so "
                              "merging would change that module too. Untie it before apply_lora (give it its own "
                              "nn.Parameter(weight.detach().clone())) or leave it out of target_modules.")
-        with torch.no_grad():
-            finite = torch.isfinite(weight + layer.get_delta_weight()).all()
-        if not weight.is_meta and not finite:
-            raise ValueError(f"Merging LoRA layer {name!r} would write NaN or inf into its base weight (the "
-                             "adapter holds non-finite values; training diverged?). Load a finite adapter first.")
+        adapter = layer.active_adapter
+        factors = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+        if not weight.is_meta and not all(torch.isfinite(f).all() for f in factors):
+            raise ValueError(f"Merging LoRA layer {name!r} would write NaN or inf into its base weight (adapter "
+                             f"{adapter!r} holds non-finite values; training diverged?). Load a finite adapter first.")
+        if safe_merge and not weight.is_meta:
+            with torch.no_grad():
+                finite = torch.isfinite(weight + layer.get_delta_weight()).all()
+            if not finite:
+                raise ValueError(f"Merging LoRA layer {name!r} would overflow its {weight.dtype} base weight to inf "
+                                 "(safe_merge checked the merged weights); nothing was changed.")
 
 
 # ------------------------------------------------------------------------------------------- internals
 
 
 def _checked_layers(model: nn.Module, want_merged: bool | None) -> dict[str, LoRALinear]:
-    layers = lora_layers(model)
-    if not layers:
+    """The LoRA layers the active adapter is on (a second adapter may target fewer layers), checked."""
+    if not lora_layers(model):
         raise ValueError("The model has no LoRA layers; call apply_lora(model, config) first.")
+    layers = {n: m for n, m in lora_layers(model).items() if m.active_adapter in m.lora_A}
     for name, layer in layers.items():
         if want_merged is not None and layer.merged != want_merged:
             state = "already merged; call unmerge_lora first" if layer.merged else "not merged; call merge_lora first"

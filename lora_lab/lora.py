@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
 BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -50,7 +51,7 @@ class LoraConfig:
         check_rank(self.r)
         _check_dropout(self.lora_dropout)
         _check_alpha(self.lora_alpha)
-        _check_flag(self.use_rslora, "use_rslora")
+        check_flag(self.use_rslora, "use_rslora")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         targets = self.target_modules
@@ -78,13 +79,16 @@ class LoraConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (LoRA paper, Hu et al. 2021, §4.1).
+    """A frozen linear layer plus trainable low-rank updates, one per named adapter (Hu et al. 2021, §4.1).
 
         W' = W0 + (alpha/r) B A,      h = W0 x + (alpha/r) B A x
 
-    ``W0`` (out, in) is ``base_layer``'s frozen weight, ``lora_A.weight`` is ``A`` (r, in), ``lora_B.weight``
-    is ``B`` (out, r). ``A`` starts Kaiming-uniform (``a=sqrt(5)``, as loralib and PEFT do; the paper's text
-    says Gaussian), ``B`` starts at zero.
+    ``W0`` (out, in) is ``base_layer``'s frozen weight. Each adapter has a name (``"default"`` unless you pick
+    one) and its own ``lora_A[name].weight`` = ``A`` (r, in), ``lora_B[name].weight`` = ``B`` (out, r),
+    ``r[name]``, ``lora_alpha[name]`` and ``scaling[name]``: PEFT's layout, so ``layer.lora_A["default"]`` is
+    the same expression in both. One adapter is active at a time (`set_adapter`); the others are kept,
+    frozen, and cost nothing in the forward pass. ``A`` starts Kaiming-uniform (``a=sqrt(5)``, as loralib and
+    PEFT do; the paper's text says Gaussian), ``B`` starts at zero.
 
     # Note: why lora_B starts at zero
     With ``B = 0`` the update ``B A`` is zero, so the wrapped model computes exactly what the pretrained one
@@ -100,39 +104,100 @@ class LoRALinear(nn.Module):
         lora_alpha: Scaling numerator (default 8, as in `LoraConfig`); ``lora_alpha = r`` gives scaling 1.
         lora_dropout: Dropout probability on the adapter's input, in ``[0, 1)``.
         use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        adapter_name: The first adapter's name, which is also the active one.
     """
 
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
-                 lora_dropout: float = 0.0, use_rslora: bool = False):
+                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         _check_base(base_layer)
-        check_rank(r, base_layer.in_features, base_layer.out_features)
-        _check_dropout(lora_dropout)
-        _check_alpha(lora_alpha)
-        _check_flag(use_rslora, "use_rslora")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.use_rslora = use_rslora
-        self.scaling = _scaling(self.lora_alpha, r, use_rslora)
-        factory = {"dtype": _adapter_dtype(base_layer), "device": _device(base_layer)}
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)   # A: (r, in)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # B: (out, r)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.reset_lora_parameters()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False  # PEFT's flag: True computes base_layer(x) alone (see `disable_adapter`)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        self.active_adapter = adapter_name
         base_layer.requires_grad_(False)
-        self._merged = False
 
-    def reset_lora_parameters(self) -> None:
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     use_rslora: bool = False) -> None:
+        """Add an adapter called ``adapter_name`` (PEFT's method name); everything is checked first."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.lora_A:
+            raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
+                             "delete_adapter it first.")
+        check_rank(r, self.in_features, self.out_features)
+        _check_dropout(lora_dropout)
+        _check_alpha(lora_alpha)
+        check_flag(use_rslora, "use_rslora")
+        factory = {"dtype": _adapter_dtype(self.base_layer), "device": _device(self.base_layer)}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)   # A: (r, in)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)  # B: (out, r)
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = _scaling(lora_alpha, r, use_rslora)
+        self.reset_lora_parameters(adapter_name)
+        if getattr(self, "active_adapter", adapter_name) != adapter_name:  # a second adapter waits, frozen
+            self.lora_A[adapter_name].requires_grad_(False)
+            self.lora_B[adapter_name].requires_grad_(False)
+
+    def reset_lora_parameters(self, adapter_name: str | None = None) -> None:
         """A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (see `# Note: why lora_B starts at zero`)."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        name = self._name(adapter_name)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one the forward pass uses; its factors train, every other one is frozen.
+
+        A name this layer does not hold is accepted, as in PEFT: the model's adapter may skip this layer, which
+        then computes ``base_layer(x)`` alone. `lora_lab.set_adapter` checks the name against the model.
+        """
+        check_adapter_name(adapter_name)
+        if self.merged_adapters:
+            raise ValueError(f"Adapter {self.merged_adapters[0]!r} is merged into this layer; unmerge before "
+                             "switching adapters.")
+        self.active_adapter = adapter_name
+        for name in self.lora_A:
+            self.lora_A[name].requires_grad_(name == adapter_name)
+            self.lora_B[name].requires_grad_(name == adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s factors; the active adapter and a merged one cannot be deleted."""
+        self._name(adapter_name)
+        if adapter_name == self.active_adapter or adapter_name in self.merged_adapters:
+            state = "merged" if adapter_name in self.merged_adapters else "active"
+            raise ValueError(f"Adapter {adapter_name!r} is {state} in this layer; set_adapter another one (and "
+                             "unmerge) before deleting it.")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[adapter_name]
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.scaling):
+            del table[adapter_name]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's list form of `active_adapter` (the kit runs one adapter at a time)."""
+        return [self.active_adapter]
+
+    @property
+    def adapter_on(self) -> bool:
+        """True when the forward pass adds an update: not disabled, and the active adapter is on this layer.
+
+        A second adapter may target fewer layers than the first (PEFT allows it); where the active one is
+        absent the layer computes ``base_layer(x)`` alone.
+        """
+        return not self.disable_adapters and self.active_adapter in self.lora_A
 
     @property
     def merged(self) -> bool:
-        """True while ``B A`` is folded into ``base_layer.weight``."""
-        return self._merged
+        """True while an adapter's ``B A`` is folded into ``base_layer.weight``."""
+        return bool(self.merged_adapters)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -148,7 +213,7 @@ class LoRALinear(nn.Module):
         weight = getattr(self.base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise AttributeError(f"{type(self.base_layer).__name__} has no floating-point weight to add B A to.")
-        return weight if self._merged else weight + self.get_delta_weight()
+        return weight if self.merged or not self.adapter_on else weight + self.get_delta_weight()
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -156,54 +221,82 @@ class LoRALinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``; x: (..., in) -> (..., out)."""
+        """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`` for the active adapter; (..., in) -> (..., out)."""
         result = self.base_layer(x)  # (..., out)
-        if self._merged:
-            return result  # the update already lives in base_layer.weight
-        x = x.to(self.lora_A.weight.dtype)
+        if self.merged or not self.adapter_on:
+            return result  # merged: the update already lives in base_layer.weight; otherwise the base alone
+        name = self.active_adapter
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        x = x.to(lora_A.weight.dtype)
         # B (s A x) = s B A x: scaling the (..., r) tensor instead of the (..., out) one saves a full pass.
-        update = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # (..., r) -> (..., out)
+        update = lora_B(lora_A(self.lora_dropout[name](x)) * self.scaling[name])  # (..., r) -> (..., out)
         return result + update.to(result.dtype)
 
-    def get_delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The update ``scaling * B @ A`` (out, in), computed in float32 (PEFT's ``get_delta_weight``).
+    def get_delta_weight(self, adapter: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The update ``scaling * B @ A`` (out, in), computed in float32 (PEFT's ``get_delta_weight(adapter)``).
 
         Args:
+            adapter: The adapter's name; None means the active one.
             dtype: The result's dtype; None means the base weight's dtype, or float32 when the base weight is
                 packed (a quantized layer).
         """
+        name = self._name(adapter)
         if dtype is None:
             weight = getattr(self.base_layer, "weight", None)
             floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
             dtype = weight.dtype if floating else torch.float32
-        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()  # (out, r) @ (r, in), in fp32
-        return (delta * self.scaling).to(dtype)
+        delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()  # (out, r) @ (r, in), in fp32
+        return (delta * self.scaling[name]).to(dtype)
 
-    def merge(self) -> None:
-        """Fold the update into the frozen weight: ``W0 <- W0 + scaling * B A`` (no extra cost at inference)."""
-        if self._merged:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the active adapter into the frozen weight: ``W0 <- W0 + scaling * B A`` (no cost at inference).
+
+        Args:
+            safe_merge: Compute the merged weight in a copy and refuse, leaving ``W0`` as it was, if it holds
+                NaN or inf (PEFT's ``safe_merge``).
+            adapter_names: PEFT's argument; only the active adapter (None or ``[active_adapter]``) can merge here.
+        """
+        if adapter_names not in (None, [self.active_adapter], (self.active_adapter,)):
+            raise ValueError(f"Only the active adapter {self.active_adapter!r} can be merged; set_adapter first.")
+        if self.merged:
             raise ValueError("This LoRALinear is already merged; call unmerge() first.")
+        if self.active_adapter not in self.lora_A:
+            return  # the active adapter does not target this layer: nothing to fold in
+        weight = float_weight(self.base_layer)
+        delta = self.get_delta_weight()
         with torch.no_grad():
-            float_weight(self.base_layer).add_(self.get_delta_weight())
-        self._merged = True
+            if safe_merge and not torch.isfinite(weight + delta).all():
+                raise ValueError(f"Merging adapter {self.active_adapter!r} would write NaN or inf into the base "
+                                 "weight; the layer is unchanged.")
+            weight.add_(delta)
+        self.merged_adapters.append(self.active_adapter)
 
     def unmerge(self) -> None:
         """Take the update back out: ``W0 <- W0 - scaling * B A`` (exact up to rounding in W0's dtype)."""
-        if not self._merged:
+        if not self.merged:
             raise ValueError("This LoRALinear is not merged; call merge() first.")
         with torch.no_grad():
-            float_weight(self.base_layer).sub_(self.get_delta_weight())
-        self._merged = False
+            float_weight(self.base_layer).sub_(self.get_delta_weight(self.merged_adapters[-1]))
+        self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self._merged}"
+        name = self.active_adapter
+        return (f"adapters={list(self.lora_A)}, active={name!r}, r={self.r[name]}, "
+                f"lora_alpha={self.lora_alpha[name]}, scaling={self.scaling[name]:g}, merged={self.merged}")
+
+    def _name(self, adapter: str | None) -> str:
+        name = self.active_adapter if adapter is None else adapter
+        if name not in self.lora_A:
+            raise ValueError(f"This layer has no adapter named {name!r}; it has {list(self.lora_A)}.")
+        return name
 
 
 class LoRALayer(LoRALinear):
     """The blog post's ``LoRALayer(original_layer, rank)``, as a correct `LoRALinear`.
 
     The post's version has no ``alpha / r`` scaling, which is ``lora_alpha = r`` here (scaling 1). Unlike the
-    post, ``A`` is stored as ``lora_A.weight`` (r, in) and ``B`` as ``lora_B.weight`` (out, r), PEFT's layout.
+    post, ``A`` is stored as ``lora_A["default"].weight`` (r, in) and ``B`` as ``lora_B["default"].weight``
+    (out, r), PEFT's layout.
 
     Args:
         original_layer: The linear layer to adapt (frozen in place).
@@ -221,8 +314,8 @@ class LoRALayer(LoRALinear):
 
     @property
     def rank(self) -> int:
-        """The post's name for ``r``."""
-        return self.r
+        """The post's name for the active adapter's ``r``."""
+        return self.r[self.active_adapter]
 
 
 class ParameterCount(NamedTuple):
@@ -272,12 +365,18 @@ def check_rank(r, in_features: int | None = None, out_features: int | None = Non
                          f"{out_features}){where}; a rank above that adds parameters but no expressiveness.")
 
 
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"An adapter name is a non-empty string of letters, digits, '_' and '-' (it becomes a "
+                         f"module and folder name), got {name!r}.")
+
+
 def _check_alpha(alpha) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise ValueError(f"lora_alpha must be a positive, finite number (e.g. 16, or 2 * r), got {alpha!r}.")
 
 
-def _check_flag(value, name: str) -> None:
+def check_flag(value, name: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}; a string such as 'false' would count as on.")
 

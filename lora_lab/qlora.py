@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ._io import DTYPE_CODES, check_finite, read_header, read_safetensors
-from .inject import check_mergeable, lora_layers, lora_targets, mark_trainable, output_head_names, set_submodule, unload
-from .lora import LoraConfig, LoRALinear
+from .inject import check_mergeable, forget_adapters, lora_layers, lora_targets, mark_trainable, output_head_names, \
+    set_submodule, unload
+from .lora import DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_adapter_name
 from .nf4 import FLOAT_DTYPES, QuantizedWeight, dequantize, quantize
 
 BACKENDS = ("torch", "bitsandbytes")
@@ -138,16 +139,18 @@ class QLoRALinear(LoRALinear):
 
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
                  lora_dropout: float = 0.0, use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
-                 quant_type: str = "nf4", compute_dtype: torch.dtype | None = None, backend: str = "torch"):
+                 quant_type: str = "nf4", compute_dtype: torch.dtype | None = None, backend: str = "torch",
+                 adapter_name: str = DEFAULT_ADAPTER):
         if isinstance(base_layer, nn.Linear):
             base_layer = NF4Linear.from_linear(base_layer, blocksize, double_quant, quant_type, compute_dtype, backend)
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base_layer).__name__}.")
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, adapter_name)
 
 
 def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, double_quant: bool = True,
-                compute_dtype: torch.dtype | None = None, backend: str = "torch", quant_type: str = "nf4") -> nn.Module:
+                compute_dtype: torch.dtype | None = None, backend: str = "torch", quant_type: str = "nf4",
+                adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Quantize every ``nn.Linear`` except the output head to 4 bits and put adapters on ``config``'s targets.
 
     Everything is checked (targets, weights finite, options) and every layer quantized before the model is
@@ -156,6 +159,7 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
     Returns:
         The same model object.
     """
+    check_adapter_name(adapter_name)
     targets = set(lora_targets(model, config))
     linears = [n for n, m in model.named_modules() if n and type(m) is nn.Linear]
     heads = output_head_names(model, linears)
@@ -170,12 +174,13 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
         if name in heads:
             continue
         nf4_layer = NF4Linear.from_linear(model.get_submodule(name), **options)
-        new[name] = (QLoRALinear(nf4_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+        new[name] = (QLoRALinear(nf4_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
+                                 adapter_name=adapter_name)
                      if name in targets else nf4_layer)
     for name, module in new.items():
         set_submodule(model, name, module)
     mark_trainable(model, config.bias)
-    model.lora_config = config
+    model.peft_config, model.active_adapter = {adapter_name: config}, adapter_name
     return model
 
 
@@ -225,7 +230,8 @@ def _merge_quantized_and_unload(model: nn.Module, layers: dict[str, LoRALinear],
     with torch.no_grad():
         for name, layer in layers.items():
             base = layer.base_layer
-            delta = layer.get_delta_weight(torch.float32)
+            delta = (layer.get_delta_weight(dtype=torch.float32) if layer.active_adapter in layer.lora_A
+                     else torch.zeros(base.out_features, base.in_features))  # a layer the active adapter skips
             merged = (base.dequantized_weight(torch.float32) + delta).to(base.weight_dtype)
             if not torch.isfinite(merged).all():
                 raise ValueError(f"Merging QLoRA layer {name!r} gives NaN or inf (its adapter holds non-finite "
@@ -247,8 +253,7 @@ def _merge_quantized_and_unload(model: nn.Module, layers: dict[str, LoRALinear],
                     new[name] = _to_linear(module, module.dequantized_weight())
     for name, module in new.items():
         set_submodule(model, name, module)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    forget_adapters(model)
     return (model, RequantizationReport(*errors)) if requantize else model
 
 

@@ -144,7 +144,7 @@ def test_on_disk_format_is_peft_format(base, saved):
     for name, layer in lora_layers(model).items():
         a, b = tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"]
         assert a.shape == (4, layer.in_features) and b.shape == (layer.out_features, 4)
-        assert torch.equal(a, layer.lora_A.weight) and torch.equal(b, layer.lora_B.weight)
+        assert torch.equal(a, layer.lora_A["default"].weight) and torch.equal(b, layer.lora_B["default"].weight)
     assert len(tensors) == 2 * len(lora_layers(model))
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
@@ -193,7 +193,7 @@ def test_round_trip_onto_plain_and_onto_wrapped_model(base, ids, saved):
     path, ours = saved
     fresh = load_adapter(copy.deepcopy(base), path)
     assert torch.equal(logits(fresh, ids), logits(ours, ids))
-    assert fresh.lora_config.r == 4 and fresh.lora_config.use_rslora
+    assert fresh.peft_config["default"].r == 4 and fresh.peft_config["default"].use_rslora
     assert count_parameters(fresh) == count_parameters(ours)  # same parameters trainable
     wrapped = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_rslora=True))
     assert torch.equal(logits(load_adapter(wrapped, path), ids), logits(ours, ids))
@@ -209,15 +209,17 @@ def test_a_config_without_lora_alpha_loads_with_peft_default(base, saved, tmp_pa
     del config["lora_alpha"]
     (out / "adapter_config.json").write_text(json.dumps(config))
     assert peft.LoraConfig.from_pretrained(out).lora_alpha == 8
-    assert load_adapter(copy.deepcopy(base), out).lora_config.lora_alpha == 8  # PEFT's default, as PEFT reads it
+    loaded = load_adapter(copy.deepcopy(base), out)
+    assert loaded.peft_config["default"].lora_alpha == 8  # PEFT's default, as PEFT reads it
 
 
 def test_load_casts_weights_to_the_model_dtype(base, saved):
     path, ours = saved
     model = load_adapter(copy.deepcopy(base).to(torch.bfloat16), path)  # fp32 file, bf16 model
     for name, layer in lora_layers(model).items():
-        assert layer.lora_A.weight.dtype == torch.bfloat16
-        assert torch.equal(layer.lora_B.weight, ours.get_submodule(name).lora_B.weight.to(torch.bfloat16))
+        assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+        expected = ours.get_submodule(name).lora_B["default"].weight.to(torch.bfloat16)
+        assert torch.equal(layer.lora_B["default"].weight, expected)
 
 
 def test_save_refuses_a_model_without_lora(base, tmp_path):

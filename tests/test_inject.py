@@ -132,8 +132,8 @@ def test_apply_freezes_everything_else_and_records_config():
     config = LoraConfig(r=2)
     model = apply_lora(TinyLM(), config)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.lora_{ab}.weight" for n in lora_layers(model) for ab in "AB"}
-    assert model.lora_config is config
+    assert trainable == {f"{n}.lora_{ab}.default.weight" for n in lora_layers(model) for ab in "AB"}
+    assert model.peft_config == {"default": config}
 
 
 @FAST
@@ -166,7 +166,7 @@ def test_failed_apply_leaves_model_unchanged(config, error, match):
     with pytest.raises(error, match=match):
         apply_lora(model, config)
     assert_unchanged(model, before)
-    assert not hasattr(model, "lora_config")
+    assert not hasattr(model, "peft_config")
 
 
 def test_apply_twice_is_refused():
@@ -196,7 +196,7 @@ def test_merge_unmerge_and_merge_and_unload_keep_the_function():
     close(model(ids), expected)
     merge_lora(model.get_submodule("model.layers.0"))  # one block merged already: merged once, not twice
     plain = merge_and_unload(model)
-    assert plain is model and not lora_layers(plain) and not hasattr(plain, "lora_config")
+    assert plain is model and not lora_layers(plain) and not hasattr(plain, "peft_config")
     assert {type(m) for m in plain.modules()} == {type(m) for m in TinyLM().modules()}
     close(plain(ids), expected)
 
@@ -210,7 +210,7 @@ def test_unload_drops_the_adapters_without_merging():
     randomize_lora_B(model, std=0.1)
     assert not torch.equal(model(ids), expected)
     plain = unload(model)  # PEFT's unload: the base model back, the update gone
-    assert plain is model and not lora_layers(plain) and not hasattr(plain, "lora_config")
+    assert plain is model and not lora_layers(plain) and not hasattr(plain, "peft_config")
     assert {type(m) for m in plain.modules()} == {type(m) for m in TinyLM().modules()}
     assert torch.equal(plain(ids), expected)  # the base weights were never written to
 
@@ -227,8 +227,8 @@ def test_unload_and_merge_and_unload_match_peft():
     with torch.no_grad():
         for name, layer in lora_layers(ours).items():
             peft_layer = theirs.base_model.model.get_submodule(name)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
     merged_ours, merged_theirs = merge_lora(copy.deepcopy(ours)), copy.deepcopy(theirs)
     merged_theirs.merge_adapter()
     for ours_out, theirs_out in [(unload(copy.deepcopy(ours)), copy.deepcopy(theirs).unload()),
@@ -264,7 +264,8 @@ def test_merging_a_non_finite_update_is_refused_before_anything_changes(merge, b
     model = apply_lora(TinyLM(), LoraConfig(r=2, target_modules="all-linear"))
     randomize_lora_B(model)
     with torch.no_grad():
-        list(lora_layers(model).values())[-1].lora_B.weight[0, 0] = bad  # the last layer: earlier ones come first
+        last = list(lora_layers(model).values())[-1]  # the last layer: earlier ones come first
+        last.lora_B["default"].weight[0, 0] = bad
     before = snapshot(model)
     with pytest.raises(ValueError, match="NaN or inf"):
         merge(model)
@@ -284,4 +285,4 @@ def test_requantize_on_a_full_precision_lora_model_is_refused():
     with pytest.raises(ValueError, match="requantize=True is for QLoRA"):
         merge_and_unload(model, requantize=True)
     assert_unchanged(model, before)
-    assert model.lora_config.r == 2
+    assert model.peft_config["default"].r == 2

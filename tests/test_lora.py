@@ -32,8 +32,8 @@ def layer_cases(draw):
     # B A ranges from well below |W0| (~ 1/sqrt(in)) to well above it.
     b_std = draw(st.sampled_from([1e-2, 1.0, 10.0]))
     with torch.no_grad():
-        layer.lora_A.weight.copy_(torch.randn(r, n_in) / math.sqrt(n_in))
-        layer.lora_B.weight.copy_(b_std * torch.randn(n_out, r))
+        layer.lora_A["default"].weight.copy_(torch.randn(r, n_in) / math.sqrt(n_in))
+        layer.lora_B["default"].weight.copy_(b_std * torch.randn(n_out, r))
     assert layer.get_delta_weight().abs().max() > 0  # with B A = 0 the merge tests would check nothing
     x = torch.randn(*lead, n_in).to(dtype)
     return layer, x
@@ -45,7 +45,8 @@ def abs_bound(layer, x):
     base = layer.base_layer
     bias = f(base.bias) if base.bias is not None else 0
     return (f(x) @ (f(base.weight) + f(layer.get_delta_weight())).T + bias
-            + layer.scaling * f(x) @ f(layer.lora_A.weight).T @ f(layer.lora_B.weight).T)
+            + layer.scaling["default"] * f(x) @ f(layer.lora_A["default"].weight).T
+            @ f(layer.lora_B["default"].weight).T)
 
 
 # ------------------------------------------------------------------------------------------ LoRALinear
@@ -87,7 +88,7 @@ def test_merged_and_unmerged_outputs_agree(case):
     # casting the fp32 delta, W0 + delta, the final add) are eps/2 each. The difference is at most twice that.
     # Values below the smallest normal round by up to half its step (eps * smallest_normal) instead.
     info = torch.finfo(x.dtype)
-    roundings = layer.in_features + layer.r + 8
+    roundings = layer.in_features + layer.r["default"] + 8
     tol = roundings * info.eps * abs_bound(layer, x) + roundings * info.eps * info.smallest_normal
     assert ((merged - unmerged).abs() <= tol).all()
 
@@ -98,7 +99,7 @@ def test_forward_is_the_paper_formula():
     randomize_lora_B(layer)
     x = torch.randn(4, 5, 12)
     W0, b, A, B = (t.detach() for t in (layer.base_layer.weight, layer.base_layer.bias,
-                                        layer.lora_A.weight, layer.lora_B.weight))
+                                        layer.lora_A["default"].weight, layer.lora_B["default"].weight))
     expected = x @ (W0 + (6 / 3) * B @ A).T + b  # h = (W0 + alpha/r B A) x + b
     torch.testing.assert_close(layer(x), expected)  # fp32 default tolerance: same sum, other association
 
@@ -110,7 +111,7 @@ def test_only_lora_parameters_get_gradients(case):
     layer(x).float().sum().backward()
     assert layer.base_layer.weight.grad is None
     assert layer.base_layer.bias is None or layer.base_layer.bias.grad is None
-    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad is not None
 
 
 def test_zero_B_gives_B_a_gradient_and_A_none_yet():
@@ -118,23 +119,23 @@ def test_zero_B_gives_B_a_gradient_and_A_none_yet():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(16, 16), r=4)
     layer(torch.randn(8, 16)).pow(2).sum().backward()
-    assert layer.lora_B.weight.grad.abs().sum() > 0
-    assert torch.equal(layer.lora_A.weight.grad, torch.zeros_like(layer.lora_A.weight))
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+    assert torch.equal(layer.lora_A["default"].weight.grad, torch.zeros_like(layer.lora_A["default"].weight))
 
 
 def test_init_is_kaiming_uniform_for_A_and_zero_for_B():
     layer = LoRALinear(nn.Linear(256, 64), r=64)
     bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)): sqrt(6 / ((1 + 5) * fan_in))
-    a = layer.lora_A.weight
+    a = layer.lora_A["default"].weight
     assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound  # 16k uniform draws reach the edge
     assert abs(a.std().item() - bound / math.sqrt(3)) < 0.02 * bound  # std of U(-b, b) is b/sqrt(3)
-    assert torch.equal(layer.lora_B.weight, torch.zeros(64, 64))
+    assert torch.equal(layer.lora_B["default"].weight, torch.zeros(64, 64))
 
 
 @pytest.mark.parametrize("alpha, rslora, expected", [(16, False, 4.0), (16, True, 8.0), (4, False, 1.0)])
 def test_scaling(alpha, rslora, expected):
     layer = LoRALinear(nn.Linear(8, 8), r=4, lora_alpha=alpha, use_rslora=rslora)
-    assert layer.scaling == expected  # alpha/r, alpha/sqrt(r), and alpha = r means scaling 1
+    assert layer.scaling["default"] == expected  # alpha/r, alpha/sqrt(r), and alpha = r means scaling 1
     assert LoraConfig(r=4, lora_alpha=alpha, use_rslora=rslora).scaling == expected
 
 
@@ -148,17 +149,18 @@ def test_defaults_are_peft_defaults():
 
     assert list(LoraConfig().target_modules) == peft_targets["llama"]  # what target_modules=None picks for Llama
     layer = LoRALinear(nn.Linear(16, 16))  # the layer's defaults are the config's
-    assert (layer.r, layer.lora_alpha, layer.scaling) == (theirs.r, theirs.lora_alpha, 1.0)
+    mine = (layer.r["default"], layer.lora_alpha["default"], layer.scaling["default"])
+    assert mine == (theirs.r, theirs.lora_alpha, 1.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adapters_take_the_base_dtype_and_shapes(dtype):
     layer = LoRALinear(nn.Linear(12, 7, dtype=dtype), r=5)
-    assert layer.lora_A.weight.shape == (5, 12) and layer.lora_B.weight.shape == (7, 5)
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == dtype
+    assert layer.lora_A["default"].weight.shape == (5, 12) and layer.lora_B["default"].weight.shape == (7, 5)
+    assert layer.lora_A["default"].weight.dtype == layer.lora_B["default"].weight.dtype == dtype
     assert layer(torch.randn(2, 12, dtype=dtype)).dtype == dtype
     assert layer.get_delta_weight().shape == (7, 12) and layer.get_delta_weight().dtype == dtype
-    assert layer.get_delta_weight(torch.float64).dtype == torch.float64
+    assert layer.get_delta_weight(dtype=torch.float64).dtype == torch.float64
 
 
 def test_forward_needs_only_in_and_out_features():
@@ -175,7 +177,7 @@ def test_forward_needs_only_in_and_out_features():
             return x[..., :4] * 2
 
     layer = LoRALinear(Packed(), r=2)
-    assert layer.lora_A.weight.dtype == torch.float32
+    assert layer.lora_A["default"].weight.dtype == torch.float32
     x = torch.randn(3, 6)
     assert torch.equal(layer(x), x[..., :4] * 2)
     with pytest.raises(TypeError, match="Packed"):
@@ -226,7 +228,7 @@ def test_merge_state_errors():
 def test_dropout_touches_only_the_adapter_path():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(8, 8), r=2, lora_dropout=0.5)
-    assert isinstance(layer.lora_dropout, nn.Dropout)
+    assert isinstance(layer.lora_dropout["default"], nn.Dropout)
     x = torch.randn(64, 8)
     assert torch.equal(layer(x), layer.base_layer(x))  # train mode, dropout on, but B = 0: base is untouched
     randomize_lora_B(layer)
@@ -260,7 +262,7 @@ def test_blog_post_example_runs_unchanged():
         exec(BLOG_EXAMPLE, scope)
     assert out.getvalue() == "Output shape: torch.Size([1, 768])\n"
     layer, x = scope["lora_layer"], scope["x"]
-    assert isinstance(layer, LoRALinear) and layer.r == layer.rank == 8 and layer.scaling == 1.0
+    assert isinstance(layer, LoRALinear) and layer.r["default"] == layer.rank == 8 and layer.scaling["default"] == 1.0
     assert layer.original_layer is scope["original_layer"] and not layer.base_layer.weight.requires_grad
     assert torch.equal(scope["output"], scope["original_layer"](x))
 
@@ -271,7 +273,7 @@ def test_blog_post_formula_with_trained_factors():
     layer = LoRALayer(nn.Linear(32, 16), rank=4)
     randomize_lora_B(layer)
     x = torch.randn(5, 32)
-    A, B = layer.lora_A.weight.detach().T, layer.lora_B.weight.detach().T
+    A, B = layer.lora_A["default"].weight.detach().T, layer.lora_B["default"].weight.detach().T
     torch.testing.assert_close(layer(x), layer.original_layer(x) + x @ A @ B)  # fp32 default tolerance
 
 

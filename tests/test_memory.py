@@ -61,7 +61,7 @@ def test_measure_leaves_the_weights_unchanged():
     model = apply_lora(LlamaForCausalLM(LlamaConfig()), LoraConfig())
     for layer in model.modules():  # make B nonzero so a real step would move A
         if hasattr(layer, "lora_B"):
-            nn.init.normal_(layer.lora_B.weight)
+            nn.init.normal_(layer.lora_B["default"].weight)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     measure(model, (ids, ids))

@@ -34,7 +34,7 @@ def trained_qlora(backend="torch", seed=0):
     torch.manual_seed(seed)
     base = nn.Linear(128, 64)
     layer = QLoRALinear(base, r=4, lora_alpha=8, backend=backend)
-    nn.init.normal_(layer.lora_B.weight, std=0.1)  # a non-zero update, as after some training
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)  # a non-zero update, as after some training
     return layer
 
 
@@ -53,11 +53,12 @@ def test_qlora_equals_lora_on_the_dequantized_weight():
 
 def test_base_weight_is_only_4bit_buffers_and_gradients_reach_input_and_adapters_only():
     layer = trained_qlora()
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert trainable == ["lora_A.default.weight", "lora_B.default.weight"]
     assert layer.base_layer.weight.dtype == torch.uint8 and "weight" in dict(layer.base_layer.named_buffers())
     x = torch.randn(4, 128, requires_grad=True)
     layer(x).square().sum().backward()
-    assert x.grad is not None and layer.lora_A.weight.grad is not None and layer.base_layer.bias.grad is None
+    assert x.grad is not None and layer.lora_A["default"].weight.grad is not None and layer.base_layer.bias.grad is None
 
 
 def test_backward_does_not_keep_the_dequantized_weight():
@@ -84,7 +85,7 @@ def test_torch_and_bitsandbytes_backends_give_the_same_outputs_and_gradients():
         x = torch.randn(2, 7, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
         out = layer(x)
         out.square().mean().backward()
-        results.append((out, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+        results.append((out, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
     assert torch.equal(trained_qlora("torch").base_layer.weight, trained_qlora("bitsandbytes").base_layer.weight)
     for a, b in zip(*results):
         # Same dequantized fp32 weight; the matmuls may be blocked differently: fp32 rounding only.
@@ -106,7 +107,7 @@ def test_apply_qlora_quantizes_all_linears_but_the_head_and_wraps_the_targets():
     assert isinstance(model.q_proj, QLoRALinear) and isinstance(model.v_proj, QLoRALinear)
     assert isinstance(model.up_proj, NF4Linear) and type(model.lm_head) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.lora_{x}.weight" for m in ("q_proj", "v_proj") for x in "AB"}
+    assert trainable == {f"{m}.lora_{x}.default.weight" for m in ("q_proj", "v_proj") for x in "AB"}
 
 
 def test_parameter_count_is_logical_not_packed():
@@ -145,7 +146,7 @@ def test_merge_and_unload_returns_dense_layers_with_the_update():
     model = Tiny()
     apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
     for layer in (model.q_proj, model.v_proj):  # every merged layer carries an update
-        nn.init.normal_(layer.lora_B.weight, std=0.1)
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     ids = torch.randint(0, 50, (2, 9))
     expected = model(ids)
     merged = merge_and_unload(model)
@@ -159,12 +160,12 @@ def test_unload_keeps_the_4bit_base_and_drops_the_adapters():
     q_proj = model.q_proj.base_layer
     ids = torch.randint(0, 50, (2, 9))
     for layer in (model.q_proj, model.v_proj):
-        nn.init.normal_(layer.lora_B.weight, std=0.1)
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     without = {name: model.get_submodule(name).base_layer for name in ("q_proj", "v_proj")}
     expected = model.lm_head(model.up_proj(without["q_proj"](model.embed(ids)) + without["v_proj"](model.embed(ids))))
     plain = unload(model)  # PEFT's unload: no merge, the NF4 layers stay NF4
     assert plain.q_proj is q_proj and all(type(m) is NF4Linear for m in (plain.q_proj, plain.v_proj, plain.up_proj))
-    assert not hasattr(plain, "lora_config")
+    assert not hasattr(plain, "peft_config")
     assert torch.equal(plain(ids), expected)
 
 
@@ -173,7 +174,7 @@ def test_merge_and_unload_merges_a_lora_layer_on_an_nf4_base_and_refuses_a_mix()
     model.q_proj = NF4Linear.from_linear(model.q_proj)  # e.g. unload(qlora_model), then load_adapter onto it
     apply_lora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))  # q_proj on 4 bits, v_proj not
     for layer in (model.q_proj, model.v_proj):
-        nn.init.normal_(layer.lora_B.weight, std=0.1)
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     before = snapshot(model)
     with pytest.raises(ValueError, match="mixes 4-bit LoRA layers with full-precision ones such as 'v_proj'"):
         merge_and_unload(model)
@@ -189,7 +190,7 @@ def test_merge_and_unload_merges_a_lora_layer_on_an_nf4_base_and_refuses_a_mix()
 def test_requantized_merge_reports_an_error_within_half_a_code_gap():
     model = Tiny()
     apply_qlora(model, LoraConfig(r=4, target_modules=("q_proj",)), double_quant=False)
-    nn.init.normal_(model.q_proj.lora_B.weight, std=0.1)
+    nn.init.normal_(model.q_proj.lora_B["default"].weight, std=0.1)
     merged, report = merge_and_unload(model, requantize=True)
     assert isinstance(merged.q_proj, NF4Linear)
     absmax = merged.q_proj.quant_state.absmax.max().item()
@@ -200,7 +201,7 @@ def test_requantized_merge_reports_an_error_within_half_a_code_gap():
 def test_state_dict_round_trips_through_safetensors(tmp_path):
     model = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
     for layer in (model.q_proj, model.v_proj):  # every saved adapter nonzero, so each must round-trip
-        nn.init.normal_(layer.lora_B.weight)
+        nn.init.normal_(layer.lora_B["default"].weight)
     save_quantized(model, tmp_path / "m.safetensors")
     fresh = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
     load_quantized(fresh, tmp_path / "m.safetensors")
@@ -223,14 +224,14 @@ def test_memory_report_counts_packed_bytes():
 @pytest.mark.parametrize("requantize", [False, True])
 def test_a_non_finite_adapter_in_a_later_layer_is_refused_before_anything_changes(requantize, bad):
     model = apply_qlora(Tiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
-    nn.init.normal_(model.q_proj.lora_B.weight, std=0.1)
+    nn.init.normal_(model.q_proj.lora_B["default"].weight, std=0.1)
     with torch.no_grad():
-        model.v_proj.lora_B.weight[0, 0] = bad  # v_proj comes after q_proj
+        model.v_proj.lora_B["default"].weight[0, 0] = bad  # v_proj comes after q_proj
     before = snapshot(model)
     with pytest.raises(ValueError, match="NaN or inf"):
         merge_and_unload(model, requantize=requantize)
     assert_unchanged(model, before)
-    assert hasattr(model, "lora_config")
+    assert hasattr(model, "peft_config")
 
 
 class TiedTiny(nn.Module):
@@ -252,7 +253,7 @@ def test_a_tied_model_round_trips_and_loads_back_tied(tmp_path):
     torch.manual_seed(0)
     model = apply_qlora(TiedTiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
     for layer in (model.q_proj, model.v_proj):
-        nn.init.normal_(layer.lora_B.weight)
+        nn.init.normal_(layer.lora_B["default"].weight)
     save_quantized(model, tmp_path / "m.safetensors")
     torch.manual_seed(1)
     fresh = load_quantized(apply_qlora(TiedTiny(), LoraConfig(r=4, target_modules=("q_proj", "v_proj"))),

@@ -49,7 +49,7 @@ class InitSpy:
 
     def evaluate(self, model, *args, **kwargs):
         if self.lora_A is None:
-            self.lora_A = {n: m.lora_A.weight.detach().clone() for n, m in lora_layers(model).items()}
+            self.lora_A = {n: m.lora_A["default"].weight.detach().clone() for n, m in lora_layers(model).items()}
         return self.task.evaluate(model, *args, **kwargs)
 
 

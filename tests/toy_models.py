@@ -48,5 +48,5 @@ def randomize_lora_B(model_or_layer, seed=0, std=1.0):
     layers = [model_or_layer] if isinstance(model_or_layer, LoRALinear) else lora_layers(model_or_layer).values()
     with torch.no_grad():
         for layer in layers:
-            w = layer.lora_B.weight
+            w = layer.lora_B["default"].weight
             w.copy_((std * torch.randn(w.shape, generator=gen)).to(w.dtype))
