@@ -149,6 +149,10 @@ class LoRALinear(nn.Module):
         check_flag(use_rslora, "use_rslora")
         check_flag(use_dora, "use_dora")
         factory = {"dtype": _adapter_dtype(self.base_layer), "device": _device(self.base_layer)}
+        if use_dora and self.merged_adapters:
+            raise ValueError(f"Adapter {self.merged_adapters[0]!r} is merged into this layer, and DoRA's magnitude "
+                             "starts from the unmerged W0; unmerge before adding a DoRA adapter.")
+        w0 = dora.base_weight(self.base_layer, factory["dtype"]) if use_dora else None  # (out, in); checks the base
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)   # A: (r, in)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)  # B: (out, r)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -160,8 +164,7 @@ class LoRALinear(nn.Module):
         if use_dora:  # m = ||W0 + s B A||_c with the initialized factors (||W0||_c at B = 0), as PEFT computes it
             with torch.no_grad():
                 lora_weight = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight  # (out, in)
-                weight = dora.base_weight(self.base_layer, lora_weight.dtype)
-                norm = dora.weight_norm(weight, lora_weight, self.scaling[adapter_name])
+                norm = dora.weight_norm(w0, lora_weight, self.scaling[adapter_name])
             self.lora_magnitude_vector[adapter_name] = dora.MagnitudeVector(norm)
         if getattr(self, "active_adapter", adapter_name) != adapter_name:  # a second adapter waits, frozen
             for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
@@ -296,6 +299,9 @@ class LoRALinear(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active adapter into the frozen weight: ``W0 <- W0 + scaling * B A`` (no cost at inference).
 
+        A DoRA adapter folds in as ``W0 <- m / ||W0 + s B A||_c (W0 + s B A)`` (`merged_weight`); the norm is kept
+        for `unmerge`, which cannot recompute it from the merged weight.
+
         Args:
             safe_merge: Compute the merged weight in a copy and refuse, leaving ``W0`` as it was, if it holds
                 NaN or inf (PEFT's ``safe_merge``).
@@ -329,7 +335,10 @@ class LoRALinear(nn.Module):
         return dora.merged_weight(weight, delta, self.lora_magnitude_vector[name].weight)[0]
 
     def unmerge(self) -> None:
-        """Take the update back out: ``W0 <- W0 - scaling * B A`` (exact up to rounding in W0's dtype)."""
+        """Take the update back out: ``W0 <- W0 - scaling * B A`` (exact up to rounding in W0's dtype).
+
+        DoRA: ``W0 <- W' / (m / ||W0 + s B A||_c) - s B A`` with the norm `merge` kept, as PEFT unmerges.
+        """
         if not self.merged:
             raise ValueError("This LoRALinear is not merged; call merge() first.")
         name = self.merged_adapters[-1]
@@ -346,7 +355,8 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         name = self.active_adapter
         return (f"adapters={list(self.lora_A)}, active={name!r}, r={self.r[name]}, "
-                f"lora_alpha={self.lora_alpha[name]}, scaling={self.scaling[name]:g}, merged={self.merged}")
+                f"lora_alpha={self.lora_alpha[name]}, scaling={self.scaling[name]:g}, merged={self.merged}"
+                + (", use_dora=True" if name in self.lora_magnitude_vector else ""))
 
     def _name(self, adapter: str | None) -> str:
         name = self.active_adapter if adapter is None else adapter

@@ -371,3 +371,18 @@ def test_dora_needs_a_floating_point_base_weight():
 
     with pytest.raises(TypeError, match="use_dora=False"):
         LoRALinear(Packed(), r=2, use_dora=True)
+    layer = LoRALinear(Packed(), r=2)  # plain LoRA needs only in_features/out_features
+    before = snapshot(layer)
+    with pytest.raises(TypeError, match="use_dora=False"):
+        layer.update_layer("second", 2, 2, use_dora=True)
+    assert_unchanged(layer, before)
+
+
+def test_a_dora_adapter_is_not_added_beside_a_merged_one():
+    layer = LoRALinear(nn.Linear(8, 4), r=2)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.merge()
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="unmerge before adding a DoRA adapter"):
+        layer.update_layer("second", 2, 2, use_dora=True)
+    assert_unchanged(layer, before)
