@@ -95,9 +95,9 @@ def test_magnitude_starts_at_peft_row_norms_and_the_output_at_the_base(make, lla
 
 
 @pytest.mark.parametrize("make", [tiny, "llama"])
-@pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_outputs_and_gradients_of_A_B_and_m_equal_peft(make, dropout, llama, ids):
-    ours, theirs = pair(llama if make == "llama" else make(), lora_dropout=dropout)
+@pytest.mark.parametrize("options", [{}, {"lora_dropout": 0.25}, {"use_rslora": True}])
+def test_outputs_and_gradients_of_A_B_and_m_equal_peft(make, options, llama, ids):
+    ours, theirs = pair(llama if make == "llama" else make(), **options)
     ours.train(), theirs.train()
     torch.manual_seed(5)  # with dropout, both draw their masks in the same order from the same stream
     out = logits(ours, ids)
