@@ -373,6 +373,8 @@ class TimelineRecorder:
             raise TypeError(f"TimelineRecorder records an nn.Module's steps, got {type(model).__name__}.")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (1 records every step), got {every!r}.")
+        if cuda and not torch.cuda.is_available():
+            raise ValueError("cuda=True records CUDA's allocator history, and CUDA is not available here.")
         self.model, self.every, self.cuda = model, every, cuda
         self.timelines: list[StepTimeline] = []
         self.steps_seen = 0
@@ -404,8 +406,6 @@ class TimelineRecorder:
         if self.steps_seen == 1 or self.steps_seen % self.every == 0:
             on_cuda = any(p.is_cuda for p in self.model.parameters())
             cuda = on_cuda if self.cuda is None else bool(self.cuda)
-            if cuda and not torch.cuda.is_available():
-                raise ValueError("cuda=True records CUDA's allocator history, and CUDA is not available here.")
             self._record = _StepRecord(self.model, self.steps_seen, cuda)
 
     def _forward_ends(self, module, args, output) -> None:
