@@ -141,14 +141,18 @@ def test_recorder_removes_every_hook_and_leaves_the_model_unchanged():
         if hasattr(layer, "lora_B"):
             nn.init.normal_(layer.lora_B.weight)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    global_hooks = (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks),
-                    len(optim_module._global_optimizer_pre_hooks), len(optim_module._global_optimizer_post_hooks))
+    before_hooks = global_hooks()
     record_step(model, tiny_batch())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None and not p._post_accumulate_grad_hooks for p in model.parameters())
     assert not model._forward_pre_hooks and not model._forward_hooks
-    assert global_hooks == (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks),
-                            len(optim_module._global_optimizer_pre_hooks), len(optim_module._global_optimizer_post_hooks))
+    assert global_hooks() == before_hooks
+
+
+def global_hooks():
+    """How many module and optimizer hooks are registered for every module / optimizer."""
+    return (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks),
+            len(optim_module._global_optimizer_pre_hooks), len(optim_module._global_optimizer_post_hooks))
 
 
 def test_a_nan_loss_is_refused_and_leaves_the_model_as_it_was():
