@@ -453,7 +453,8 @@ class _CudaLog:
         self.first = self._allocations()
         self.tags: list[tuple[int, int, str, str]] = []  # (allocations so far, address, category, module)
         self.marks: list[tuple[int, str]] = []  # (allocations so far, phase that begins)
-        torch.cuda.memory._record_memory_history(max_entries=MAX_CUDA_EVENTS, context=None)
+        torch.cuda.memory._record_memory_history(max_entries=MAX_CUDA_EVENTS, context=None,
+                                                 clear_history=True)  # this step's events only
 
     @staticmethod
     def _allocations() -> int:

