@@ -308,6 +308,9 @@ class _StepRecord:
                 self.start["optimizer_state"] += nbytes
 
     def after_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """New state tensors (AdamW's moments at the first step); a step that adds none leaves a 0-byte event,
+        so the optimizer step still shows as a phase."""
+        count = len(self.events)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 for t in optimizer.state.get(p, {}).values():
@@ -318,6 +321,8 @@ class _StepRecord:
                         self.state_keys.add(key)
                         self.event("optimizer_state", nbytes, module=self.owner.get(id(p), ""),
                                    ptr=t.untyped_storage().data_ptr())
+        if len(self.events) == count:
+            self.event("optimizer_state", 0, module="")
 
     def close(self) -> StepTimeline:
         if self.phase == "forward":
