@@ -231,3 +231,20 @@ class _TinyTask:
         with torch.no_grad():
             loss, _ = model(ids, labels=labels)
         return {"loss": float(loss), "accuracy": 0.0}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_step_on_the_meta_device_is_recorded_like_a_real_one(method):
+    # the estimator's device: shapes without data, so notebook 05 can show a 7B step from the inside
+    def build(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**TINY))
+        return (apply_lora if method == "lora" else apply_qlora)(model, LoraConfig(r=4))
+
+    ids = tiny_batch()[0]
+    real = record_step(build("cpu"), (ids, ids), gradient_checkpointing=True)
+    meta = record_step(build("meta"), (ids.to("meta"), ids.to("meta")), gradient_checkpointing=True)
+    assert meta.maxima() == real.maxima() and meta.peak == real.peak
+    assert [(e.phase, e.category, e.module) for e in meta.events] == [(e.phase, e.category, e.module)
+                                                                       for e in real.events]
