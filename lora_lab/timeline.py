@@ -56,7 +56,7 @@ class MemoryEvent:
     Attributes:
         phase: "forward", "backward" or "optimizer".
         category: one of `TIMELINE_CATEGORIES`.
-        module: the qualified name of the module that made it ("" where no module of the model did).
+        module: the qualified name of the module that made it ("": the model's own forward, or none of its modules).
         nbytes: bytes allocated (positive) or freed (negative).
     """
 
@@ -353,7 +353,7 @@ def _state_tensors(optimizer: torch.optim.Optimizer):
 class TimelineRecorder:
     """Records the memory timeline of the training steps run while the context is open.
 
-    A step begins with a forward pass of ``model`` in training mode with gradients on (evaluation forwards are
+    A step begins with a forward pass of ``model`` with gradients on (evaluation forwards under ``no_grad`` are
     left out) and ends with the ``step()`` of an optimizer over its parameters; what happens in between is
     recorded as `MemoryEvent` s (see the module docstring). Model surgery before a step (``finetune`` applies
     LoRA after the recorder opens) is fine: each step reads the model as it is then.
@@ -404,8 +404,8 @@ class TimelineRecorder:
         self._record, self._in_step = None, False
 
     def _step_begins(self, module, args) -> None:
-        if self._in_step or not (module.training and torch.is_grad_enabled()):
-            return  # a second micro-batch of the same step, or an evaluation forward
+        if self._in_step or not torch.is_grad_enabled():
+            return  # a second micro-batch of the same step, or an evaluation forward (no_grad)
         self._in_step, self._params = True, {id(p) for p in self.model.parameters()}
         self.steps_seen += 1
         if self.steps_seen == 1 or self.steps_seen % self.every == 0:

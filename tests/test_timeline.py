@@ -248,3 +248,9 @@ def test_a_step_on_the_meta_device_is_recorded_like_a_real_one(method):
     assert meta.maxima() == real.maxima() and meta.peak == real.peak
     assert [(e.phase, e.category, e.module) for e in meta.events] == [(e.phase, e.category, e.module)
                                                                        for e in real.events]
+
+
+def test_a_step_of_a_model_in_eval_mode_is_recorded_too():
+    # measure does not switch the model to training mode: a step is a forward with gradients on, then step()
+    x = torch.randn(4, 4)
+    assert record_step(TwoLinear().eval(), (x, None)).maxima() == record_step(TwoLinear(), (x, None)).maxima()
