@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 # Public API: each module adds its own line below.
 from .lora import LoraConfig, LoRALinear, LoRALayer, ParameterCount, count_parameters  # noqa: F401
+from .dora import MagnitudeVector  # noqa: F401
 from .inject import apply_lora, lora_layers, merge_lora, unload, unmerge_lora  # noqa: F401
 from .multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter  # noqa: F401
 from .adapter import load_adapter, save_adapter  # noqa: F401
@@ -21,6 +22,7 @@ from .train import History, StopTraining, finetune  # noqa: F401
 from .memory import MemoryBreakdown  # noqa: F401
 from .train import measure  # noqa: F401
 from .estimator import Estimate, estimate  # noqa: F401
+from .timeline import MemoryEvent, StepTimeline, TimelineRecorder, record_step  # noqa: F401
 from .nf4 import (QuantizedWeight, codebook, dequantize, dequantize_nf4, dynamic_map, fp4_codebook,  # noqa: F401
                   int4_codebook, nf4_codebook, quantize, quantize_fp4, quantize_int4, quantize_nf4)
 from .qlora import (NF4Linear, QLoRALinear, RequantizationReport, apply_qlora, load_quantized,  # noqa: F401

@@ -30,7 +30,7 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 FIX = "Save the adapter again."
 # PEFT options this module does not implement: loading a file that turns one on would silently differ.
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
+_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
                 "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
 
@@ -102,7 +102,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise ValueError(f"The adapter has tensors for modules this model lacks or the config does not target: "
                          f"{_short(unknown)}. Load it onto the base model it was trained on.")
     if missing:
-        raise ValueError(f"The adapter file is missing tensors: {_short(missing)}; it does not match its config.")
+        dora_hint = " (use_dora=true needs each layer's lora_magnitude_vector)" if config.use_dora else ""
+        raise ValueError(f"The adapter file is missing tensors: {_short(missing)}; it does not match its "
+                         f"config{dora_hint}.")
     for key, entry in header.items():
         if tuple(entry["shape"]) != shapes[key]:
             raise ValueError(f"Tensor {key!r} has shape {tuple(entry['shape'])}, but this model needs "
@@ -143,7 +145,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
                              "load it with peft.PeftModel.from_pretrained instead.")
     if raw.get("target_modules") is None:
         raise ValueError(f"{CONFIG_NAME} has no target_modules; lora_lab needs the module names written out.")
-    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias")
+    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "use_dora")
     try:
         return LoraConfig(**{k: raw[k] for k in fields if k in raw})
     except (ValueError, TypeError) as err:
@@ -160,7 +162,7 @@ def _peft_config_dict(config: LoraConfig, targets, task_type: str | None) -> dic
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "target_modules": targets if isinstance(targets, str) else list(targets),
         "use_rslora": config.use_rslora, "bias": config.bias, "inference_mode": True, "init_lora_weights": True,
-        **_UNSUPPORTED, "layers_pattern": None,
+        **_UNSUPPORTED, "layers_pattern": None, "use_dora": config.use_dora,
     }
 
 
@@ -184,6 +186,8 @@ def _save_one(model: nn.Module, layers: dict[str, LoRALinear], adapter: str, con
     for name, layer in holders.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter].weight  # (r, in)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter].weight  # (out, r)
+        if adapter in layer.lora_magnitude_vector:  # DoRA's m (out,), under PEFT's key (no ".weight")
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].weight
     for name in _bias_names(model, config.bias):
         tensors[PREFIX + name] = model.get_parameter(name)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -198,6 +202,8 @@ def _save_one(model: nn.Module, layers: dict[str, LoRALinear], adapter: str, con
 def _parameter_name(key: str, adapter: str) -> str:
     """File key -> model parameter: ``base_model.model.x.lora_A.weight`` -> ``x.lora_A.<adapter>.weight``."""
     name = key[len(PREFIX):]
+    if name.endswith(".lora_magnitude_vector"):
+        return f"{name}.{adapter}.weight"
     for factor in (".lora_A.weight", ".lora_B.weight"):
         if name.endswith(factor):
             return name[:-len(".weight")] + f".{adapter}.weight"
@@ -211,16 +217,18 @@ def _model_configs(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str,
         first = next(iter(layers.values()))
         name = first.active_adapter
         configs = {name: LoraConfig(r=first.r[name], lora_alpha=first.lora_alpha[name],
-                                    use_rslora=first.use_rslora[name], target_modules=tuple(layers))}
+                                    use_rslora=first.use_rslora[name], target_modules=tuple(layers),
+                                    use_dora=first.use_dora[name])}
     for adapter, config in configs.items():
         for name, layer in layers.items():
             if adapter not in layer.lora_A:
                 continue
-            mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter])
-            if mine != (config.r, config.lora_alpha, config.use_rslora):
-                raise ValueError(f"LoRA layer {name!r} has r={mine[0]}, lora_alpha={mine[1]} for adapter "
-                                 f"{adapter!r}, but its config says r={config.r}, lora_alpha={config.lora_alpha}; "
-                                 "PEFT's format needs one setting per adapter.")
+            mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter], layer.use_dora[adapter])
+            if mine != (config.r, config.lora_alpha, config.use_rslora, config.use_dora):
+                raise ValueError(f"LoRA layer {name!r} has r={mine[0]}, lora_alpha={mine[1]}, use_dora={mine[3]} "
+                                 f"for adapter {adapter!r}, but its config says r={config.r}, lora_alpha="
+                                 f"{config.lora_alpha}, use_dora={config.use_dora}; PEFT's format needs one setting "
+                                 "per adapter.")
     return configs
 
 
@@ -250,12 +258,13 @@ def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: Lor
         if layer.merged:
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before loading weights.")
     for name, layer in holders.items():
-        mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter])
-        if mine != (config.r, config.lora_alpha, config.use_rslora):
+        mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter], layer.use_dora[adapter])
+        if mine != (config.r, config.lora_alpha, config.use_rslora, config.use_dora):
             raise ValueError(f"The model's LoRA layer {name!r} has r={mine[0]}, lora_alpha={mine[1]}, "
-                             f"use_rslora={mine[2]} for adapter {adapter!r}; the file has r={config.r}, lora_alpha="
-                             f"{config.lora_alpha}, use_rslora={config.use_rslora}. Load it under another "
-                             "adapter_name, or onto the plain model.")
+                             f"use_rslora={mine[2]}, use_dora={mine[3]} for adapter {adapter!r}; the file has "
+                             f"r={config.r}, lora_alpha={config.lora_alpha}, use_rslora={config.use_rslora}, "
+                             f"use_dora={config.use_dora}. Load it under another adapter_name, or onto the plain "
+                             "model.")
     targets = targets_before_wrapping(model, wrapped, config.target_modules)
     if set(targets) != set(holders):
         raise ValueError(f"The adapter's target_modules={config.target_modules!r} select {_short(sorted(targets))}, "
@@ -274,6 +283,8 @@ def _expected_shapes(model: nn.Module, names: list[str], config: LoraConfig, wra
         module = model.get_submodule(name)
         shapes[f"{PREFIX}{name}.lora_A.weight"] = (config.r, module.in_features)
         shapes[f"{PREFIX}{name}.lora_B.weight"] = (module.out_features, config.r)
+        if config.use_dora:
+            shapes[f"{PREFIX}{name}.lora_magnitude_vector"] = (module.out_features,)
     wrapped_bias = {f"{n}.bias": f"{n}.base_layer.bias" for n in names}
     for param_name, param in model.named_parameters():
         key = param_name if wrapped else wrapped_bias.get(param_name, param_name)

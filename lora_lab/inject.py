@@ -41,7 +41,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         wrappers = {name: LoRALinear(model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
-                                     config.use_rslora, adapter_name) for name in names}
+                                     config.use_rslora, adapter_name, use_dora=config.use_dora) for name in names}
     except Exception:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
@@ -212,6 +212,8 @@ def mark_trainable(model: nn.Module, bias: str) -> None:
         if layer.active_adapter in layer.lora_A:
             layer.lora_A[layer.active_adapter].requires_grad_(True)
             layer.lora_B[layer.active_adapter].requires_grad_(True)
+        if layer.active_adapter in layer.lora_magnitude_vector:  # DoRA's magnitude m trains too
+            layer.lora_magnitude_vector[layer.active_adapter].requires_grad_(True)
     if bias == "all":
         for name, p in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -269,6 +271,7 @@ def check_mergeable(model: nn.Module, layers: dict[str, LoRALinear], safe_merge:
                              "nn.Parameter(weight.detach().clone())) or leave it out of target_modules.")
         adapter = layer.active_adapter
         factors = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+        factors += tuple(m.weight for n, m in layer.lora_magnitude_vector.items() if n == adapter)  # DoRA's m
         if not weight.is_meta and not all(torch.isfinite(f).all() for f in factors):
             raise ValueError(f"Merging LoRA layer {name!r} would write NaN or inf into its base weight (adapter "
                              f"{adapter!r} holds non-finite values; training diverged?). Load a finite adapter first.")

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import dora
+
 ALL_LINEAR = "all-linear"
 DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
 BIAS_MODES = ("none", "all", "lora_only")
@@ -38,6 +40,8 @@ class LoraConfig:
         use_rslora: Use rank-stabilized scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv 2312.03732).
         bias: ``"none"`` (all biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of the
             wrapped layers train).
+        use_dora: Weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353): a trained magnitude per output
+            feature times the normalized ``W0 + s B A``, see `lora_lab.dora`.
     """
 
     r: int = 8
@@ -46,12 +50,14 @@ class LoraConfig:
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
     use_rslora: bool = False
     bias: str = "none"
+    use_dora: bool = False  # PEFT's default: plain LoRA
 
     def __post_init__(self):
         check_rank(self.r)
         _check_dropout(self.lora_dropout)
         _check_alpha(self.lora_alpha)
         check_flag(self.use_rslora, "use_rslora")
+        check_flag(self.use_dora, "use_dora")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         targets = self.target_modules
@@ -105,10 +111,13 @@ class LoRALinear(nn.Module):
         lora_dropout: Dropout probability on the adapter's input, in ``[0, 1)``.
         use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
         adapter_name: The first adapter's name, which is also the active one.
+        use_dora: Make the first adapter a DoRA one (`lora_lab.dora`): ``lora_magnitude_vector[name].weight``
+            holds its magnitude ``m`` (out,).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
+                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = DEFAULT_ADAPTER,
+                 use_dora: bool = False):
         super().__init__()
         _check_base(base_layer)
         self.base_layer = base_layer
@@ -118,14 +127,17 @@ class LoRALinear(nn.Module):
         self.use_rslora: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.use_dora: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> MagnitudeVector, m (out,)
+        self._dora_norms: dict[str, torch.Tensor] = {}  # while merged: ||W0 + s B A||_c, which unmerge needs
         self.merged_adapters: list[str] = []
         self.disable_adapters = False  # PEFT's flag: True computes base_layer(x) alone (see `disable_adapter`)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora=use_dora)
         self.active_adapter = adapter_name
         base_layer.requires_grad_(False)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     use_rslora: bool = False) -> None:
+                     use_rslora: bool = False, *, use_dora: bool = False) -> None:
         """Add an adapter called ``adapter_name`` (PEFT's method name); everything is checked first."""
         check_adapter_name(adapter_name)
         if adapter_name in self.lora_A:
@@ -135,7 +147,12 @@ class LoRALinear(nn.Module):
         _check_dropout(lora_dropout)
         _check_alpha(lora_alpha)
         check_flag(use_rslora, "use_rslora")
+        check_flag(use_dora, "use_dora")
         factory = {"dtype": _adapter_dtype(self.base_layer), "device": _device(self.base_layer)}
+        if use_dora and self.merged_adapters:
+            raise ValueError(f"Adapter {self.merged_adapters[0]!r} is merged into this layer, and DoRA's magnitude "
+                             "starts from the unmerged W0; unmerge before adding a DoRA adapter.")
+        w0 = dora.base_weight(self.base_layer, factory["dtype"]) if use_dora else None  # (out, in); checks the base
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)   # A: (r, in)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)  # B: (out, r)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -143,9 +160,16 @@ class LoRALinear(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = _scaling(lora_alpha, r, use_rslora)
         self.reset_lora_parameters(adapter_name)
+        self.use_dora[adapter_name] = use_dora
+        if use_dora:  # m = ||W0 + s B A||_c with the initialized factors (||W0||_c at B = 0), as PEFT computes it
+            with torch.no_grad():
+                lora_weight = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight  # (out, in)
+                norm = dora.weight_norm(w0, lora_weight, self.scaling[adapter_name])
+            self.lora_magnitude_vector[adapter_name] = dora.MagnitudeVector(norm)
         if getattr(self, "active_adapter", adapter_name) != adapter_name:  # a second adapter waits, frozen
-            self.lora_A[adapter_name].requires_grad_(False)
-            self.lora_B[adapter_name].requires_grad_(False)
+            for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+                if adapter_name in table:
+                    table[adapter_name].requires_grad_(False)
 
     def reset_lora_parameters(self, adapter_name: str | None = None) -> None:
         """A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (see `# Note: why lora_B starts at zero`)."""
@@ -167,6 +191,8 @@ class LoRALinear(nn.Module):
         for name in self.lora_A:
             self.lora_A[name].requires_grad_(name == adapter_name)
             self.lora_B[name].requires_grad_(name == adapter_name)
+        for name in self.lora_magnitude_vector:
+            self.lora_magnitude_vector[name].requires_grad_(name == adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``'s factors; the active adapter and a merged one cannot be deleted."""
@@ -177,8 +203,10 @@ class LoRALinear(nn.Module):
                              "unmerge) before deleting it.")
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[adapter_name]
-        for table in (self.r, self.lora_alpha, self.use_rslora, self.scaling):
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.scaling, self.use_dora):
             del table[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
 
     @property
     def active_adapters(self) -> list[str]:
@@ -228,12 +256,22 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         x = x.to(lora_A.weight.dtype)
+        if name in self.lora_magnitude_vector:  # DoRA: m / ||W0 + s B A||_c * (W0 x + s B A x) + bias
+            out = dora.dora_forward(x, result, weight=dora.base_weight(self.base_layer, x.dtype), bias=self.bias,
+                                    magnitude=self.lora_magnitude_vector[name].weight, lora_A=lora_A, lora_B=lora_B,
+                                    dropout=self.lora_dropout[name], scaling=self.scaling[name],
+                                    training=self.training)
+            return out.to(result.dtype)
         # B (s A x) = s B A x: scaling the (..., r) tensor instead of the (..., out) one saves a full pass.
         update = lora_B(lora_A(self.lora_dropout[name](x)) * self.scaling[name])  # (..., r) -> (..., out)
         return result + update.to(result.dtype)
 
     def get_delta_weight(self, adapter: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The update ``scaling * B @ A`` (out, in), computed in float32 (PEFT's ``get_delta_weight(adapter)``).
+
+        For a DoRA adapter it is the whole change DoRA makes, ``W' - W0 = m / ||W0 + s B A||_c (W0 + s B A) - W0``
+        (PEFT's method returns ``s B A`` there too), so that ``W0 + get_delta_weight()`` is the weight the layer
+        applies; it reads ``W0``, so it needs the layer unmerged.
 
         Args:
             adapter: The adapter's name; None means the active one.
@@ -245,11 +283,24 @@ class LoRALinear(nn.Module):
             weight = getattr(self.base_layer, "weight", None)
             floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
             dtype = weight.dtype if floating else torch.float32
+        delta = self._lora_delta(name)
+        if name in self.lora_magnitude_vector:
+            if self.merged:
+                raise ValueError("DoRA's update depends on W0, which a merged layer no longer holds; unmerge first.")
+            magnitude = self.lora_magnitude_vector[name].weight.float()
+            delta = dora.delta_weight(dora.base_weight(self.base_layer, torch.float32), delta, magnitude)
+        return delta.to(dtype)
+
+    def _lora_delta(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` (out, in) in float32."""
         delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()  # (out, r) @ (r, in), in fp32
-        return (delta * self.scaling[name]).to(dtype)
+        return delta * self.scaling[name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active adapter into the frozen weight: ``W0 <- W0 + scaling * B A`` (no cost at inference).
+
+        A DoRA adapter folds in as ``W0 <- m / ||W0 + s B A||_c (W0 + s B A)`` (`merged_weight`); the norm is kept
+        for `unmerge`, which cannot recompute it from the merged weight.
 
         Args:
             safe_merge: Compute the merged weight in a copy and refuse, leaving ``W0`` as it was, if it holds
@@ -263,26 +314,49 @@ class LoRALinear(nn.Module):
         if self.active_adapter not in self.lora_A:
             return  # the active adapter does not target this layer: nothing to fold in
         weight = float_weight(self.base_layer)
-        delta = self.get_delta_weight()
+        name = self.active_adapter
         with torch.no_grad():
-            if safe_merge and not torch.isfinite(weight + delta).all():
-                raise ValueError(f"Merging adapter {self.active_adapter!r} would write NaN or inf into the base "
-                                 "weight; the layer is unchanged.")
-            weight.add_(delta)
-        self.merged_adapters.append(self.active_adapter)
+            new = self.merged_weight(weight)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"Merging adapter {name!r} would write NaN or inf into the base weight; the layer "
+                                 "is unchanged.")
+            if name in self.lora_magnitude_vector:
+                self._dora_norms[name] = dora.weight_norm(weight, self._lora_delta(name).to(weight.dtype), 1)
+            weight.copy_(new)
+        self.merged_adapters.append(name)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The active adapter folded into ``weight`` (W0, (out, in)): ``W0 + scaling * B A``, or for DoRA
+        ``m / ||W0 + s B A||_c * (W0 + s B A)`` (PEFT's merged weight); a new tensor in ``weight``'s dtype."""
+        name = self.active_adapter
+        delta = self._lora_delta(name).to(weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return weight + delta
+        return dora.merged_weight(weight, delta, self.lora_magnitude_vector[name].weight)[0]
 
     def unmerge(self) -> None:
-        """Take the update back out: ``W0 <- W0 - scaling * B A`` (exact up to rounding in W0's dtype)."""
+        """Take the update back out: ``W0 <- W0 - scaling * B A`` (exact up to rounding in W0's dtype).
+
+        DoRA: ``W0 <- W' / (m / ||W0 + s B A||_c) - s B A`` with the norm `merge` kept, as PEFT unmerges.
+        """
         if not self.merged:
             raise ValueError("This LoRALinear is not merged; call merge() first.")
+        name = self.merged_adapters[-1]
+        weight = float_weight(self.base_layer)
         with torch.no_grad():
-            float_weight(self.base_layer).sub_(self.get_delta_weight(self.merged_adapters[-1]))
+            delta = self._lora_delta(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:
+                magnitude = self.lora_magnitude_vector[name].weight
+                weight.copy_(dora.unmerged_weight(weight, delta, magnitude, self._dora_norms.pop(name)))
+            else:
+                weight.sub_(delta)
         self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
         name = self.active_adapter
         return (f"adapters={list(self.lora_A)}, active={name!r}, r={self.r[name]}, "
-                f"lora_alpha={self.lora_alpha[name]}, scaling={self.scaling[name]:g}, merged={self.merged}")
+                f"lora_alpha={self.lora_alpha[name]}, scaling={self.scaling[name]:g}, merged={self.merged}"
+                + (", use_dora=True" if name in self.lora_magnitude_vector else ""))
 
     def _name(self, adapter: str | None) -> str:
         name = self.active_adapter if adapter is None else adapter

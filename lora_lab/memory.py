@@ -134,12 +134,20 @@ class SavedTensors:
                 self.sizes.setdefault(key, nbytes)
         return t
 
+    def pack(self, t):
+        """The pack hook: `add`, keeping ``t`` itself (a subclass may return a handle; `unpack` turns it back)."""
+        return self.add(t)
+
+    def unpack(self, packed):
+        """The unpack hook: what `pack` returned, as a tensor again."""
+        return packed
+
     @property
     def nbytes(self) -> int:
         return sum(self.sizes.values())
 
     def __enter__(self) -> "SavedTensors":
-        self._hooks = saved_tensors_hooks(self.add, lambda t: t)
+        self._hooks = saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
         _ACTIVE.append(self)
         return self

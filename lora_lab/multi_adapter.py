@@ -59,9 +59,9 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
-            module.update_layer(adapter_name, *options)
+            module.update_layer(adapter_name, *options, use_dora=config.use_dora)
         else:
-            layer = LoRALinear(module, *options, adapter_name=adapter_name)
+            layer = LoRALinear(module, *options, adapter_name=adapter_name, use_dora=config.use_dora)
             layer.set_adapter(model.active_adapter)  # pass-through until this adapter is set
             set_submodule(model, name, layer)
     model.peft_config[adapter_name] = config

@@ -133,19 +133,20 @@ class QLoRALinear(LoRALinear):
 
     Args:
         base_layer: an ``nn.Linear`` (quantized here) or an `NF4Linear`.
-        r, lora_alpha, lora_dropout, use_rslora: as in `LoRALinear`.
+        r, lora_alpha, lora_dropout, use_rslora, use_dora: as in `LoRALinear` (DoRA's norm reads the dequantized
+            ``W0``).
         blocksize, double_quant, quant_type, compute_dtype, backend: as in `NF4Linear.from_linear`.
     """
 
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
                  lora_dropout: float = 0.0, use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
                  quant_type: str = "nf4", compute_dtype: torch.dtype | None = None, backend: str = "torch",
-                 adapter_name: str = DEFAULT_ADAPTER):
+                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False):
         if isinstance(base_layer, nn.Linear):
             base_layer = NF4Linear.from_linear(base_layer, blocksize, double_quant, quant_type, compute_dtype, backend)
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base_layer).__name__}.")
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, adapter_name)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, adapter_name, use_dora)
 
 
 def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, double_quant: bool = True,
@@ -175,7 +176,7 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
             continue
         nf4_layer = NF4Linear.from_linear(model.get_submodule(name), **options)
         new[name] = (QLoRALinear(nf4_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                                 adapter_name=adapter_name)
+                                 adapter_name=adapter_name, use_dora=config.use_dora)
                      if name in targets else nf4_layer)
     for name, module in new.items():
         set_submodule(model, name, module)
@@ -230,9 +231,10 @@ def _merge_quantized_and_unload(model: nn.Module, layers: dict[str, LoRALinear],
     with torch.no_grad():
         for name, layer in layers.items():
             base = layer.base_layer
-            delta = (layer.get_delta_weight(dtype=torch.float32) if layer.active_adapter in layer.lora_A
-                     else torch.zeros(base.out_features, base.in_features))  # a layer the active adapter skips
-            merged = (base.dequantized_weight(torch.float32) + delta).to(base.weight_dtype)
+            weight = base.dequantized_weight(torch.float32)
+            on = layer.active_adapter in layer.lora_A  # a layer the active adapter skips keeps its W0
+            delta = layer.get_delta_weight(dtype=torch.float32) if on else torch.zeros_like(weight)
+            merged = (layer.merged_weight(weight) if on else weight).to(base.weight_dtype)  # W0 + dW, or DoRA's W'
             if not torch.isfinite(merged).all():
                 raise ValueError(f"Merging QLoRA layer {name!r} gives NaN or inf (its adapter holds non-finite "
                                  f"values, or the update overflows {base.weight_dtype}); nothing was changed. "

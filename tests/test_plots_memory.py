@@ -98,8 +98,18 @@ def test_fixed_bars_keep_their_axis_when_the_bars_move():
     assert bars["activations"][1].get_height() == pytest.approx(20)
 
 
-def test_dashboard_figure_has_bars_per_method_and_an_empty_line_per_method():
-    fig, (ax_bar, ax_line), bars, lines = plot_dashboard(stacked_bar_data({"full": fake(1), "qlora": fake(0)}))
-    assert fig.axes[:2] == [ax_bar, ax_line]
+def test_dashboard_figure_has_bars_per_method_and_an_empty_step_axis():
+    fig, (ax_bar, ax_step), bars = plot_dashboard(stacked_bar_data({"full": fake(1), "qlora": fake(0)}))
+    assert fig.axes[:2] == [ax_bar, ax_step]
     assert set(bars) == set(CATS) and len(bars["weights"]) == 2
-    assert list(lines) == ["full", "qlora"] and all(len(line.get_xdata()) == 0 for line in lines.values())
+    assert not ax_step.lines and not ax_step.collections  # nothing drawn until a step is recorded
+    assert "TimelineRecorder" in ax_step.texts[0].get_text()
+
+
+def test_dashboard_legend_names_the_kits_categories_readably():
+    from lora_lab.memory import CATEGORIES
+
+    fig, _, _ = plot_dashboard(stacked_bar_data({"lora": dict.fromkeys(CATEGORIES, 2**20)}))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:2] == ["frozen weights", "trainable weights"] and "temporaries (dequantized W)" in labels
+    assert not any("_" in label for label in labels)

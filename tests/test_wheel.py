@@ -14,42 +14,23 @@ import re
 import signal
 import subprocess
 import sys
-import sysconfig
 import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from wheel_env import REPO, build_wheel, new_env, run as _run
+
 URL = re.compile(r"http://(?:127\.0\.0\.1|localhost):\d+/lab\?token=\w+")
-
-
-def _run(args, **kwargs):
-    result = subprocess.run(args, capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(python of the new environment, its bin folder, a working folder outside the checkout, the wheel)."""
     root = tmp_path_factory.mktemp("wheel")
-    copy = root / "clone"
-    files = _run(["git", "ls-files", "-z"], cwd=REPO).stdout
-    for name in filter(None, files.split("\0")):
-        if (REPO / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            (copy / name).write_bytes((REPO / name).read_bytes())
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(copy),
-          "-w", str(root / "dist")])
-    (wheel,) = (root / "dist").glob("lora_lab-*.whl")
-    _run([sys.executable, "-m", "venv", "--without-pip", str(root / "env")])  # pip acts on it from outside
-    python = root / "env" / "bin" / "python"
-    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
-    (Path(purelib) / "shared_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    missing = subprocess.run([str(python), "-c", "import lora_lab"], capture_output=True, text=True, cwd=root)
-    assert missing.returncode != 0, "lora_lab was importable before the wheel was installed"
+    wheel = build_wheel(root)
+    python = new_env(root / "env")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)])
     work = root / "student"
     work.mkdir()

@@ -78,25 +78,32 @@ def test_explorer_rejects_empty_grid():
         memory_explorer({})
 
 
-def test_dashboard_bars_and_timeline_follow_updates():
+def test_dashboard_bars_follow_updates():
     dash = MemoryDashboard(("full", "lora"), CATS, min_interval=0.0)
     png = dash.image.value
     dash.update("lora", 1, fake_measure("lora", r=4, batch_size=1, seq_len=1))
     dash.update("lora", 2, fake_measure("lora", r=4, batch_size=2, seq_len=1), cuda={"allocated": 2**20, "peak": 2**21})
     assert dash.bars["activations"][1].get_height() == 2
-    np.testing.assert_allclose(dash.lines["lora"].get_ydata(), [27, 28])
     assert dash.image.value != png
     assert "peak 2.0 MiB" in dash.readout.value
+    assert dash.timeline is None  # no step recorded: the step axis still says how to fill it
 
 
-def test_dashboard_timeline_axes_hold_every_measured_point():
-    # the first draw has no points; later points must still lie inside the axes (not clipped off the top)
+def test_dashboard_shows_the_latest_recorded_step_inside():
+    from lora_lab.timeline import MemoryEvent, StepTimeline
+
     dash = MemoryDashboard(("lora",), CATS, min_interval=0.0)
-    for step, batch in ((1, 1), (10, 1), (20, 4)):
-        dash.update("lora", step, fake_measure("lora", r=4, batch_size=batch, seq_len=1))
-    (x0, x1), (y0, y1) = dash.ax_line.get_xlim(), dash.ax_line.get_ylim()
-    xs, ys = dash.lines["lora"].get_xdata(), dash.lines["lora"].get_ydata()
-    assert y0 == 0 and y1 >= max(ys) and x0 <= min(xs) and x1 >= max(xs)
+    step = StepTimeline(start={"frozen_weights": 2**20}, events=[
+        MemoryEvent("forward", "activations", "layer", 3 * 2**20), MemoryEvent("backward", "activations", "layer",
+                                                                             -3 * 2**20)], step=10)
+    dash.update("lora", 10, fake_measure("lora", r=4, batch_size=1, seq_len=1), timeline=step)
+    assert dash.timeline == ("lora", 10, step)
+    assert "lora, inside step 10: peak 4.0 MiB" in dash.ax_step.get_title()
+    assert "peak 4.0 MiB at the end of the forward pass: saved activations 3.0 MiB" in dash.readout.value
+    heights = sum(np.asarray(c.get_paths()[0].vertices)[:, 1].max() for c in dash.ax_step.collections[:2])
+    assert heights >= 4.0  # the stacked area reaches the peak, in MiB (1 MiB of weights + 3 MiB saved)
+    with pytest.raises(TypeError):
+        dash.update("lora", 11, {}, timeline={"activations": 1})
 
 
 def test_dashboard_rejects_unknown_method():
@@ -124,15 +131,36 @@ def test_dashboard_callback_shows_each_new_measurement_once():
     from types import SimpleNamespace
 
     dash = MemoryDashboard(("lora",), CATS, min_interval=0.0)
-    cb = dash.callback("lora")
+    recorder = SimpleNamespace(latest=None)
+    cb = dash.callback("lora", recorder)
     history = SimpleNamespace(memory=[fake_measure("lora", r=1, batch_size=1, seq_len=1)], memory_steps=[1])
     cb(history)
-    cb(history)  # no new measurement: nothing added
+    png = dash.image.value
+    cb(history)  # no new measurement: nothing redrawn
+    assert dash.image.value == png
     history.memory.append(fake_measure("lora", r=1, batch_size=3, seq_len=1))
     history.memory_steps.append(10)
     cb(history)
-    np.testing.assert_allclose(dash.lines["lora"].get_xdata(), [1, 10])
     assert dash.bars["activations"][0].get_height() == 3
+
+
+def test_dashboard_follows_a_real_run_step_by_step():
+    from lora_lab.memory import CATEGORIES
+    from lora_lab.model import LlamaConfig, LlamaForCausalLM
+    from lora_lab.timeline import TimelineRecorder
+    from lora_lab.train import finetune
+
+    from test_timeline import TINY, _TinyTask
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    dash = MemoryDashboard(("lora",), CATEGORIES, min_interval=0.0)
+    with TimelineRecorder(model, every=2) as recorder:
+        history = finetune(model, _TinyTask(), method="lora", steps=4, batch_size=2, eval_every=2,
+                           measure_memory=True, callback=dash.callback("lora", recorder))
+    method, step, timeline = dash.timeline
+    assert (method, step) == ("lora", 4) and timeline is recorder.latest
+    assert timeline.maxima()["activations"] == history.memory[-1].activations
 
 
 def test_tiny_measure_reuses_a_prepared_model_without_carrying_state():

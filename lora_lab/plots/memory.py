@@ -1,5 +1,7 @@
 """Figures for the memory notebook: stacked memory bars, a memory timeline, and loss curves side by side.
 
+The live dashboard shows, beside the bars, the latest recorded step from the inside (`lora_lab.plots.timeline`).
+
 Every figure is a plain `matplotlib.figure.Figure` (no pyplot, so nothing is displayed behind the notebook's
 back); widgets render it to PNG (`lora_lab.plots.to_png`) after updating its artists in place.
 """
@@ -11,8 +13,11 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+from matplotlib.patches import Patch
 
+from ..timeline import TIMELINE_CATEGORIES
 from ._figure import new_figure, palette_color
+from .timeline import CATEGORY_LABELS, category_color
 
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "MB": 10**6, "GB": 10**9}
 
@@ -128,13 +133,29 @@ def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
 
 
 def plot_dashboard(data: StackedBars, unit: str = "MiB"):
-    """The live dashboard's figure: stacked bars per method (left) and, per method, an empty line of total memory
-    against step (right) for the dashboard to extend. Returns (figure, (bar axis, line axis), bars, lines)."""
-    fig, (ax_bar, ax_line) = new_figure(width=9.0, height=3.2, ncols=2)
+    """The live dashboard's figure: stacked bars per method (left) and an empty axis (right) where the dashboard
+    draws the latest recorded step's timeline (`lora_lab.plots.timeline.draw_step_timeline`).
+    Returns (figure, (bar axis, step axis), bars)."""
+    fig, (ax_bar, ax_step) = new_figure(width=10.0, height=3.6, ncols=2)
     _, bars = plot_stacked_bars(data, ax=ax_bar, title="memory by category")
-    _, lines = plot_timeline({m: ([], []) for m in data.labels}, ax=ax_line, unit=unit)
-    ax_line.set_title("total memory (markers: measured steps)", fontsize=10)
-    return fig, (ax_bar, ax_line), bars, lines
+    ax_bar.get_legend().remove()  # one legend for both panels, under them, with readable names
+    ax_bar.set_ylabel(f"memory ({unit})")
+    colors = [palette_color(i) for i in range(len(data.categories))]  # the bars' colours
+    names = list(data.categories) + [c for c in TIMELINE_CATEGORIES if c not in data.categories]
+    colors += [category_color(c) for c in names[len(colors):]]  # what only the step's timeline shows
+    fig.legend([Patch(color=c) for c in colors], [CATEGORY_LABELS.get(c, c) for c in names],
+               loc="outside lower center", ncols=min(len(names), 6), fontsize=8)
+    empty_step_axis(ax_step)
+    return fig, (ax_bar, ax_step), bars
+
+
+def empty_step_axis(ax) -> None:
+    """The step axis before any step was recorded: says how to fill it."""
+    ax.clear()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, "inside the latest step: pass a TimelineRecorder\nto dashboard.callback(method, recorder)",
+            ha="center", va="center", fontsize=9, transform=ax.transAxes)
 
 
 def loss_curve_data(histories: Mapping[str, object]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -1,4 +1,5 @@
-"""Widgets for the memory notebook: a slider explorer over a grid of measured breakdowns, and a live dashboard.
+"""Widgets for the memory notebook: a slider explorer over a grid of measured breakdowns, and a live dashboard
+that shows the latest recorded step from the inside.
 
 Sliders never measure: `measure_grid` measures every setting once when the notebook runs, and the explorer
 looks the answer up, so a slider move only updates bar heights and re-renders a small PNG.
@@ -16,7 +17,9 @@ import torch
 
 from ..lora import LoraConfig
 from ..plots import to_png
-from ..plots.memory import UNITS, breakdown_dict, plot_dashboard, plot_fixed_bars, stacked_bar_data, update_stacked_bars
+from ..plots.memory import breakdown_dict, plot_dashboard, plot_fixed_bars, stacked_bar_data, update_stacked_bars
+from ..plots.timeline import draw_step_timeline, human_unit, peak_parts, peak_sentence
+from ..timeline import StepTimeline, TimelineRecorder
 from ..train import measure, prepare_model
 from ._view import FigureView, e2e_slider
 
@@ -130,11 +133,17 @@ def cuda_stats() -> dict[str, int] | None:
 
 
 class MemoryDashboard:
-    """A live memory dashboard: stacked bars (one per method) and a timeline of total memory against step.
+    """A live memory dashboard: stacked bars (one per method) and, beside them, the latest recorded step from
+    the inside (a stacked area over its events: `lora_lab.plots.timeline`).
 
-    Feed it with `update(method, step, breakdown, cuda=None)` from a training callback; it redraws at most
-    every `min_interval` seconds (training must not wait for PNG rendering) and always on `finish()`.
-    `cuda` is an optional dict such as {"allocated": bytes, "peak": bytes} from `torch.cuda`, shown beside it.
+    Feed it with `update(method, step, breakdown, cuda=None, timeline=None)` from a training callback
+    (`callback` builds one); it redraws at most every `min_interval` seconds (training must not wait for PNG
+    rendering) and always on `finish()`. `cuda` is an optional dict such as {"allocated": bytes, "peak": bytes}
+    from `torch.cuda`, shown beside it; `timeline` a `StepTimeline` of the same step (`TimelineRecorder`).
+
+    Attributes:
+        latest: the latest breakdown per method (bytes by category); ``timeline``: the latest step timeline and
+            its method and step, ``(method, step, StepTimeline)``, or None before the first.
     """
 
     def __init__(self, methods: Sequence[str], categories: Sequence[str], unit: str = "MiB",
@@ -142,63 +151,60 @@ class MemoryDashboard:
         self.methods, self.categories = tuple(methods), tuple(categories)
         self.unit, self.min_interval = unit, min_interval
         self.latest = {m: dict.fromkeys(self.categories, 0) for m in self.methods}
-        self.timeline = {m: ([], []) for m in self.methods}
+        self.timeline: tuple[str, int, StepTimeline] | None = None
         self.cuda: dict[str, dict[str, int]] = {}
-        self.figure, (self.ax_bar, self.ax_line), self.bars, self.lines = plot_dashboard(self.data(), unit)
+        self.figure, (self.ax_bar, self.ax_step), self.bars = plot_dashboard(self.data(), unit)
         self.image, self.readout = widgets.Image(format="png"), widgets.HTML()
         self.widget = widgets.VBox([self.image, self.readout])
-        self._last_draw = 0.0
+        self._last_draw, self._drawn_timeline = 0.0, None
         self.redraw()
 
     def data(self):
         """The StackedBars behind the bar chart (latest breakdown per method)."""
         return stacked_bar_data({m: self.latest[m] for m in self.methods}, self.unit)
 
-    def update(self, method: str, step: int, breakdown, cuda: Mapping[str, int] | None = None) -> None:
+    def update(self, method: str, step: int, breakdown, cuda: Mapping[str, int] | None = None,
+               timeline: StepTimeline | None = None) -> None:
         if method not in self.latest:
             raise ValueError(f"unknown method {method!r}; the dashboard was built for {self.methods}.")
+        if timeline is not None and not isinstance(timeline, StepTimeline):
+            raise TypeError(f"timeline must be a StepTimeline (from TimelineRecorder), got {type(timeline).__name__}.")
         parts = breakdown_dict(breakdown)
         self.latest[method] = {c: parts.get(c, 0) for c in self.categories}
-        steps, totals = self.timeline[method]
-        steps.append(step)
-        totals.append(sum(self.latest[method].values()))
+        if timeline is not None:
+            self.timeline = (method, step, timeline)
         if cuda:
             self.cuda[method] = dict(cuda)
         if time.perf_counter() - self._last_draw >= self.min_interval:
             self.redraw()
 
-    def callback(self, method: str):
+    def callback(self, method: str, recorder: TimelineRecorder | None = None):
         """A `finetune(callback=...)` hook: shows each new measured breakdown in `history.memory` (and, on CUDA,
-        `torch.cuda.memory_allocated` / `max_memory_allocated`)."""
+        `torch.cuda.memory_allocated` / `max_memory_allocated`), and with a `TimelineRecorder` open around the
+        training, the latest step it recorded."""
         seen = [0]
 
         def on_step(history) -> None:
             if len(history.memory) > seen[0]:
                 seen[0] = len(history.memory)
-                self.update(method, history.memory_steps[-1], history.memory[-1], cuda=cuda_stats())
+                timeline = recorder.latest if recorder is not None else None
+                self.update(method, history.memory_steps[-1], history.memory[-1], cuda=cuda_stats(),
+                            timeline=timeline)
 
         return on_step
 
     def redraw(self) -> None:
         data = self.data()
         update_stacked_bars(self.bars, data, ax=self.ax_bar)
-        for m, (steps, totals) in self.timeline.items():
-            self.lines[m].set_data(steps, [t / UNITS[self.unit] for t in totals])
-        self._fit_timeline()
+        if self.timeline is not None and self.timeline is not self._drawn_timeline:
+            method, step, timeline = self.timeline
+            peak, where, biggest = peak_parts(timeline)
+            draw_step_timeline(self.ax_step, timeline, human_unit(timeline.peak)[0], legend=False,
+                               title=f"{method}, inside step {step}: {peak}\n{where}: {biggest}")
+            self._drawn_timeline = self.timeline
         self.image.value = to_png(self.figure)
         self.readout.value = self._readout_html(data)
         self._last_draw = time.perf_counter()
-
-    def _fit_timeline(self) -> None:
-        """Axis limits that hold every measured point, y from zero so the heights compare like the bars.
-
-        Set explicitly: `set_ylim` turns matplotlib's autoscaling off, so after the first (empty) draw
-        `autoscale_view` would keep the old limits and later points would fall outside the axes.
-        """
-        steps = [s for xs, _ in self.timeline.values() for s in xs]
-        totals = [t / UNITS[self.unit] for _, ts in self.timeline.values() for t in ts]
-        self.ax_line.set_xlim(0, max(steps, default=1) * 1.05 + 1)
-        self.ax_line.set_ylim(0, max(max(totals, default=0.0), 1e-9) * 1.15)
 
     def finish(self) -> None:
         """Final redraw after training (the throttle may have skipped the last updates)."""
@@ -209,4 +215,7 @@ class MemoryDashboard:
         for m, c in self.cuda.items():
             rows.append(f"{m} (CUDA): allocated {c.get('allocated', 0) / 2**20:,.1f} MiB, "
                         f"peak {c.get('peak', 0) / 2**20:,.1f} MiB")
+        if self.timeline is not None:
+            method, step, timeline = self.timeline
+            rows.append(f"{method}, step {step}: {peak_sentence(timeline)}")
         return "<br>".join(rows)
