@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,6 +39,10 @@ class LoraConfig:
         use_rslora: Use rank-stabilized scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv 2312.03732).
         bias: ``"none"`` (all biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of the
             wrapped layers train).
+        fan_in_fan_out: True for a layer that stores its weight (in, out), transformers' ``Conv1D`` in GPT-2;
+            as in PEFT, `apply_lora` sets it (with a warning) when the targets are ``Conv1D`` layers.
+        modules_to_save: Names (suffixes, as in ``target_modules``) of modules trained fully and saved with
+            the adapter, e.g. ``["classifier"]`` or ``["lm_head"]`` (`lora_lab.modules_to_save`).
     """
 
     r: int = 8
@@ -46,6 +51,8 @@ class LoraConfig:
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
     use_rslora: bool = False
     bias: str = "none"
+    fan_in_fan_out: bool = False  # PEFT's default; Conv1D targets need True
+    modules_to_save: tuple[str, ...] | None = None  # PEFT's default: nothing besides the adapters trains
 
     def __post_init__(self):
         check_rank(self.r)
@@ -54,6 +61,18 @@ class LoraConfig:
         check_flag(self.use_rslora, "use_rslora")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
+        check_flag(self.fan_in_fan_out, "fan_in_fan_out")
+        saved = self.modules_to_save
+        if saved is not None:
+            if isinstance(saved, str) or not isinstance(saved, (list, tuple)) or not saved or not all(
+                    isinstance(m, str) and m for m in saved):
+                raise ValueError(f"modules_to_save must be None or a non-empty list of module names such as "
+                                 f"['classifier'], got {saved!r}.")
+            self.modules_to_save = tuple(saved)
+            if self.bias != "none":
+                raise ValueError("modules_to_save with bias='all' or 'lora_only' is not implemented in lora_lab (which "
+                                 "copy's bias would train?); use bias='none', or put the bias's module in "
+                                 "modules_to_save.")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -112,7 +131,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         _check_base(base_layer)
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)  # weight stored (in, out): see `get_delta_weight`
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
@@ -235,6 +255,8 @@ class LoRALinear(nn.Module):
     def get_delta_weight(self, adapter: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The update ``scaling * B @ A`` (out, in), computed in float32 (PEFT's ``get_delta_weight(adapter)``).
 
+        For a ``Conv1D`` base (``fan_in_fan_out``) the update is transposed to its weight's (in, out) layout.
+
         Args:
             adapter: The adapter's name; None means the active one.
             dtype: The result's dtype; None means the base weight's dtype, or float32 when the base weight is
@@ -246,7 +268,12 @@ class LoRALinear(nn.Module):
             floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
             dtype = weight.dtype if floating else torch.float32
         delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()  # (out, r) @ (r, in), in fp32
-        return (delta * self.scaling[name]).to(dtype)
+        delta = delta * self.scaling[name]
+        return (delta.T if self.fan_in_fan_out else delta).to(dtype)  # a Conv1D weight is (in, out)
+
+    def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's ``(A, B)``, A (r, in) and B (out, r), whatever the layer stores them in."""
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active adapter into the frozen weight: ``W0 <- W0 + scaling * B A`` (no cost at inference).
@@ -389,10 +416,23 @@ def _check_dropout(p) -> None:
 def is_linear_like(module) -> bool:
     if isinstance(module, LoRALinear):
         return False
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     dims = (getattr(module, "in_features", None), getattr(module, "out_features", None))
     return isinstance(module, nn.Module) and all(isinstance(d, int) and d > 0 for d in dims)
+
+
+def is_conv1d(module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's linear, weight (in, out)), without importing transformers."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def linear_dims(module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like module; a ``Conv1D`` has them as its weight's shape."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
 
 
 def _check_base(base) -> None:
