@@ -32,7 +32,8 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 FIX = "Save the adapter again."
 # PEFT options this module does not implement: loading a file that turns one on would silently differ.
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False,
+                "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
                 "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
 
 
