@@ -88,18 +88,17 @@ def modules_to_save_names(model: nn.Module, modules_to_save, exclude: tuple[str,
 
     PEFT matches ``name.endswith(entry)``; the kit asks for a whole last part (``"classifier"`` does not select
     ``"my_classifier"``), as its ``target_modules`` does. Modules inside ``exclude`` (LoRA layers) are skipped.
+    As in PEFT, an entry may match nothing (PEFT's ``task_type="SEQ_CLS"`` writes ``["classifier", "score"]``
+    for whichever head the model has), but at least one must match.
 
     Raises:
-        ValueError: an entry matches no module.
+        ValueError: no entry matches a module.
     """
     names = [n for n, _ in model.named_modules() if n and not n.startswith(exclude)]
-    chosen = []
-    for entry in modules_to_save:
-        found = [n for n in names if n == entry or n.endswith("." + entry)]
-        if not found:
-            raise ValueError(f"modules_to_save entry {entry!r} matches no module of this model; use a module "
-                             "name such as 'classifier' or 'lm_head' (model.named_modules() lists them).")
-        chosen += found
+    chosen = [n for entry in modules_to_save for n in names if n == entry or n.endswith("." + entry)]
+    if modules_to_save and not chosen:
+        raise ValueError(f"modules_to_save={list(modules_to_save)!r} matches no module of this model; use a module "
+                         "name such as 'classifier' or 'lm_head' (model.named_modules() lists them).")
     return [n for n in dict.fromkeys(chosen) if not any(n.startswith(f"{m}.") for m in chosen if m != n)]
 
 
