@@ -3,7 +3,9 @@
 A directory written by `save_adapter` loads with ``peft.PeftModel.from_pretrained(base, path)``, and one written
 by ``PeftModel.save_pretrained`` loads with `load_adapter`. Tensors are named
 ``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r), as PEFT names them:
-the adapter's name is not part of the file. A model with several adapters (`lora_lab.add_adapter`) is saved as
+the adapter's name is not part of the file. An embedding's factors are ``...lora_embedding_A`` (r, num_embeddings)
+and ``...lora_embedding_B`` (embedding_dim, r), and a module in ``modules_to_save`` is stored under its own name
+(``base_model.model.classifier.weight``). A model with several adapters (`lora_lab.add_adapter`) is saved as
 PEFT saves one: ``"default"`` in the directory itself, every other adapter in a subdirectory of its name.
 Only safetensors are read: a pickled ``adapter_model.bin`` can run code when loaded, so it is refused.
 """
@@ -93,7 +95,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if adapter_name in existing:
         names, fresh = _check_wrapped(model, wrapped, config, adapter_name), False
     elif wrapped:
-        names, fresh = targets_before_wrapping(model, wrapped, config.target_modules), True
+        names, fresh = targets_before_wrapping(model, wrapped, config.target_modules, config.modules_to_save), True
         _check_bias(model, config)
     else:
         names, fresh = lora_targets(model, config), True
@@ -304,6 +306,10 @@ def _check_bias(model: nn.Module, config: LoraConfig) -> None:
 def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: LoraConfig, adapter: str) -> list[str]:
     """Overwriting adapter ``adapter``: same hyperparameters and target layers as the file, and not merged."""
     _check_bias(model, config)
+    mine = model.peft_config[adapter].modules_to_save
+    if (mine or ()) != (config.modules_to_save or ()):
+        raise ValueError(f"Adapter {adapter!r} has modules_to_save={mine!r}, the file {config.modules_to_save!r}; "
+                         "load it under another adapter_name, or onto the plain model.")
     holders = {name: layer for name, layer in wrapped.items() if adapter in layer.lora_A}
     for name, layer in wrapped.items():
         if layer.merged:
@@ -315,7 +321,7 @@ def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: Lor
                              f"use_rslora={mine[2]} for adapter {adapter!r}; the file has r={config.r}, lora_alpha="
                              f"{config.lora_alpha}, use_rslora={config.use_rslora}. Load it under another "
                              "adapter_name, or onto the plain model.")
-    targets = targets_before_wrapping(model, wrapped, config.target_modules)
+    targets = targets_before_wrapping(model, wrapped, config.target_modules, config.modules_to_save)
     if set(targets) != set(holders):
         raise ValueError(f"The adapter's target_modules={config.target_modules!r} select {_short(sorted(targets))}, "
                          f"but adapter {adapter!r} is on {_short(sorted(holders))}. Load it under another "

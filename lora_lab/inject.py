@@ -177,7 +177,7 @@ def output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
     (``_maybe_include_all_linear_layers``). That is ``lm_head`` for a ``*ForCausalLM`` and None for ``BertModel``
     and ``*ForSequenceClassification``, whose ``classifier``/``score`` is then a target like any linear, as
     in PEFT without a ``task_type`` (PEFT with ``task_type="SEQ_CLS"`` trains the head fully instead, through
-    ``modules_to_save``, which lora_lab does not have).
+    ``modules_to_save``: pass ``LoraConfig(modules_to_save=["classifier"])`` for the same model here).
 
     Any other module (PEFT leaves every linear in): a layer its ``get_output_embeddings()`` returns, any layer
     named ``lm_head``, and the last linear if it maps back to the vocabulary: its weight is an ``nn.Embedding``'s
@@ -201,7 +201,7 @@ def output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
     if linear_names and tokens is not None:
         last = model.get_submodule(linear_names[-1])
         tied = any(getattr(last, "weight", None) is e.weight for e in embeddings)
-        if tied or last.out_features == tokens.num_embeddings:
+        if tied or linear_dims(last)[1] == tokens.num_embeddings:
             heads.add(linear_names[-1])
     return heads
 
@@ -275,9 +275,16 @@ def forget_adapters(model: nn.Module) -> None:
             delattr(model, attr)
 
 
-def targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], targets) -> list[str]:
-    """The names ``targets`` selects, read on the model as it was before its layers were wrapped."""
-    saved = saved_module_wrappers(model)  # trained in full: never a LoRA target, nor anything inside
+def targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], targets,
+                            modules_to_save=None) -> list[str]:
+    """The names ``targets`` selects, read on the model as it was before its layers were wrapped.
+
+    Modules trained in full (already wrapped, or named in ``modules_to_save``) are never LoRA targets, as in PEFT.
+    """
+    saved = [*saved_module_wrappers(model)]
+    if modules_to_save:
+        wrapped_inside = tuple(f"{name}." for name in [*wrapped, *saved])
+        saved += modules_to_save_names(model, modules_to_save, exclude=wrapped_inside)
     inside = tuple(f"{name}." for name in [*wrapped, *saved])
     names = [n for n, _ in model.named_modules() if n and not n.startswith(inside) and n not in saved]
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):

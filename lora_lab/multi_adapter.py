@@ -47,7 +47,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         raise ValueError(f"The new adapter has bias={config.bias!r}, the model's adapters bias={first.bias!r}; "
                          "biases are shared by every adapter, so they must agree.")
     wrapped = lora_layers(model)
-    names = targets_before_wrapping(model, wrapped, config.target_modules)
+    names = targets_before_wrapping(model, wrapped, config.target_modules, config.modules_to_save)
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of this model.")
     for name in names:

@@ -157,7 +157,7 @@ def test_two_adapters_get_their_own_copies_as_in_peft(base, ids, tmp_path):
     assert list(ours.classifier.modules_to_save) == ["other"]
 
 
-def test_bad_modules_to_save_are_refused_before_anything_changes(base):
+def test_bad_modules_to_save_are_refused_before_anything_changes(base, tmp_path):
     model = copy.deepcopy(base)
     before = snapshot(model)
     with pytest.raises(ValueError, match="matches no module"):
@@ -165,6 +165,12 @@ def test_bad_modules_to_save_are_refused_before_anything_changes(base):
     with pytest.raises(ValueError, match="does not implement modules_to_save"):
         apply_qlora(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
     assert_unchanged(model, before)
+    wrapped = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    save_adapter(apply_lora(copy.deepcopy(base), LoraConfig(**CONFIG)), tmp_path)
+    before = snapshot(wrapped)
+    with pytest.raises(ValueError, match="has modules_to_save=None, the file"):
+        load_adapter(wrapped, tmp_path)  # overwriting "default", which trains no copy of the head
+    assert_unchanged(wrapped, before)
     with pytest.raises(ValueError, match="modules_to_save must be None or a non-empty list"):
         LoraConfig(modules_to_save="classifier")
     with pytest.raises(ValueError, match="not implemented"):
@@ -178,6 +184,23 @@ def test_lora_never_targets_a_module_to_save(base):
                                                                       modules_to_save=["classifier"]))
     assert isinstance(ours.classifier, ModulesToSaveWrapper)
     assert tuple(count_parameters(ours)) == theirs.get_nb_trainable_parameters()
+    second = {"r": 2, "target_modules": "all-linear", "modules_to_save": ["classifier"]}
+    add_adapter(ours, "other", LoraConfig(**second))
+    theirs.add_adapter("other", peft.LoraConfig(**second))
+    assert list(ours.classifier.modules_to_save) == ["default", "other"]
+    set_adapter(ours, "other")
+    theirs.set_adapter("other")
+    assert tuple(count_parameters(ours)) == theirs.get_nb_trainable_parameters()
+
+
+def test_finetune_refuses_modules_to_save_with_qlora_before_anything_changes():
+    import lora_lab as ll
+
+    model = ll.load_base_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="method='qlora' does not implement modules_to_save"):
+        ll.finetune(model, ll.load_task(), method="qlora", config=LoraConfig(modules_to_save=["lm_head"]), steps=1)
+    assert_unchanged(model, before)
 
 
 def test_finetune_trains_the_copy_of_lm_head_only():
