@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,6 +43,10 @@ class LoraConfig:
             wrapped layers train).
         use_dora: Weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353): a trained magnitude per output
             feature times the normalized ``W0 + s B A``, see `lora_lab.dora`.
+        fan_in_fan_out: True for a layer that stores its weight (in, out), transformers' ``Conv1D`` in GPT-2;
+            as in PEFT, `apply_lora` sets it (with a warning) when the targets are ``Conv1D`` layers.
+        modules_to_save: Names (suffixes, as in ``target_modules``) of modules trained fully and saved with
+            the adapter, e.g. ``["classifier"]`` or ``["lm_head"]`` (`lora_lab.modules_to_save`).
     """
 
     r: int = 8
@@ -51,6 +56,8 @@ class LoraConfig:
     use_rslora: bool = False
     bias: str = "none"
     use_dora: bool = False  # PEFT's default: plain LoRA
+    fan_in_fan_out: bool = False  # PEFT's default; Conv1D targets need True
+    modules_to_save: tuple[str, ...] | None = None  # PEFT's default: nothing besides the adapters trains
 
     def __post_init__(self):
         check_rank(self.r)
@@ -60,6 +67,20 @@ class LoraConfig:
         check_flag(self.use_dora, "use_dora")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
+        check_flag(self.fan_in_fan_out, "fan_in_fan_out")
+        if self.use_dora and self.fan_in_fan_out:
+            raise ValueError("use_dora=True with fan_in_fan_out=True (DoRA on Conv1D) is not implemented in lora_lab.")
+        saved = self.modules_to_save
+        if saved is not None:
+            if isinstance(saved, str) or not isinstance(saved, (list, tuple)) or not saved or not all(
+                    isinstance(m, str) and m for m in saved):
+                raise ValueError(f"modules_to_save must be None or a non-empty list of module names such as "
+                                 f"['classifier'], got {saved!r}.")
+            self.modules_to_save = tuple(saved)
+            if self.bias != "none":
+                raise ValueError("modules_to_save with bias='all' or 'lora_only' is not implemented in lora_lab (which "
+                                 "copy's bias would train?); use bias='none', or put the bias's module in "
+                                 "modules_to_save.")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -121,7 +142,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         _check_base(base_layer)
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)  # weight stored (in, out): see `get_delta_weight`
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
@@ -149,6 +171,9 @@ class LoRALinear(nn.Module):
         check_flag(use_rslora, "use_rslora")
         check_flag(use_dora, "use_dora")
         factory = {"dtype": _adapter_dtype(self.base_layer), "device": _device(self.base_layer)}
+        if use_dora and self.fan_in_fan_out:
+            raise ValueError("DoRA (use_dora=True) on a Conv1D layer (fan_in_fan_out) is not implemented in lora_lab; "
+                             "target nn.Linear layers with a DoRA config.")
         if use_dora and self.merged_adapters:
             raise ValueError(f"Adapter {self.merged_adapters[0]!r} is merged into this layer, and DoRA's magnitude "
                              "starts from the unmerged W0; unmerge before adding a DoRA adapter.")
@@ -272,6 +297,7 @@ class LoRALinear(nn.Module):
         For a DoRA adapter it is the whole change DoRA makes, ``W' - W0 = m / ||W0 + s B A||_c (W0 + s B A) - W0``
         (PEFT's method returns ``s B A`` there too), so that ``W0 + get_delta_weight()`` is the weight the layer
         applies; it reads ``W0``, so it needs the layer unmerged.
+        For a ``Conv1D`` base (``fan_in_fan_out``) the update is transposed to its weight's (in, out) layout.
 
         Args:
             adapter: The adapter's name; None means the active one.
@@ -292,9 +318,14 @@ class LoRALinear(nn.Module):
         return delta.to(dtype)
 
     def _lora_delta(self, name: str) -> torch.Tensor:
-        """``scaling * B @ A`` (out, in) in float32."""
-        delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()  # (out, r) @ (r, in), in fp32
-        return delta * self.scaling[name]
+        """``scaling * B @ A`` in float32, in the base weight's layout: (out, in), or (in, out) for a Conv1D."""
+        lora_A, lora_B = self.factors(name)
+        delta = (lora_B.float() @ lora_A.float()) * self.scaling[name]  # (out, r) @ (r, in), in fp32
+        return delta.T if self.fan_in_fan_out else delta  # DoRA is refused on Conv1D, so it always sees (out, in)
+
+    def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's ``(A, B)``, A (r, in) and B (out, r), whatever the layer stores them in."""
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active adapter into the frozen weight: ``W0 <- W0 + scaling * B A`` (no cost at inference).
@@ -463,10 +494,23 @@ def _check_dropout(p) -> None:
 def is_linear_like(module) -> bool:
     if isinstance(module, LoRALinear):
         return False
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     dims = (getattr(module, "in_features", None), getattr(module, "out_features", None))
     return isinstance(module, nn.Module) and all(isinstance(d, int) and d > 0 for d in dims)
+
+
+def is_conv1d(module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's linear, weight (in, out)), without importing transformers."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def linear_dims(module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like module; a ``Conv1D`` has them as its weight's shape."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
 
 
 def _check_base(base) -> None:

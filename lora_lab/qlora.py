@@ -161,6 +161,9 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
         The same model object.
     """
     check_adapter_name(adapter_name)
+    if config.modules_to_save:
+        raise ValueError("apply_qlora does not implement modules_to_save; train those modules with apply_lora, or "
+                         "leave modules_to_save out.")
     targets = set(lora_targets(model, config))
     linears = [n for n, m in model.named_modules() if n and type(m) is nn.Linear]
     heads = output_head_names(model, linears)

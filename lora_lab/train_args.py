@@ -38,6 +38,9 @@ def _check_basics(model, task, method, config, steps, lr, batch_size, eval_every
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if config is not None and (method not in ("lora", "qlora") or not isinstance(config, LoraConfig)):
         raise ValueError("config is a LoraConfig and only applies to method='lora' or 'qlora'.")
+    if method == "qlora" and config is not None and config.modules_to_save:
+        raise ValueError("method='qlora' does not implement modules_to_save; use method='lora' to train those "
+                         "modules in full, or leave modules_to_save out.")
     for value, name in ((steps, "steps"), (batch_size, "batch_size"), (callback_every, "callback_every")):
         _positive_int(value, name)
     if eval_every is not None:
