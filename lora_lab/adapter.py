@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safetensors
 from .inject import apply_lora, is_transformers_model, lora_layers, lora_targets, targets_before_wrapping
 from .lora import ALL_LINEAR, DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_adapter_name
+from .lora_init import changes_base, pissa_niter, subtract_initial
 from .model import LlamaForCausalLM
 from .multi_adapter import add_adapter
 
@@ -36,8 +38,13 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, 
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = "auto",
-                 selected_adapters: list[str] | None = None) -> Path:
+                 selected_adapters: list[str] | None = None,
+                 path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> Path:
     """Write the model's LoRA adapters and configs as PEFT adapter directories.
+
+    An adapter started with PiSSA or OLoRA is saved with its ``init_lora_weights``, as PEFT saves it: loading
+    it onto the original model recomputes the residual base (see `lora_lab.lora_init`, ``# Note: what a changed
+    base means for saving``); ``"pissa_niter_N"`` is random, so such a file is for the conversion below only.
 
     Args:
         model: A model with LoRA layers (from `apply_lora` or `load_adapter`).
@@ -49,6 +56,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
             (it needs ``prepare_inputs_for_generation``); None (null) for any other module, which loads as a
             plain ``PeftModel``.
         selected_adapters: The adapters to save (PEFT's argument); None saves every one.
+        path_initial_model_for_weight_conversion: PEFT's argument: the directory `save_adapter` wrote right after
+            a PiSSA/OLoRA init, before training. The adapter is then saved as a plain LoRA adapter on the original
+            weights: rank 2r, ``[B, -B0] [A; A0]`` (`lora_init.subtract_initial`), ``init_lora_weights=True``.
 
     Returns:
         The directory path.
@@ -61,11 +71,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
     unknown = [n for n in names if n not in configs]
     if unknown or not names:
         raise ValueError(f"selected_adapters={selected_adapters!r}: the model's adapters are {list(configs)}.")
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        initial = _initial_factors(model, layers, configs, names, path_initial_model_for_weight_conversion)
     path = Path(path)
     task_type = _task_type(model) if task_type == "auto" else task_type
     for adapter in names:
         _save_one(model, layers, adapter, configs[adapter], path if adapter == DEFAULT_ADAPTER else path / adapter,
-                  task_type)
+                  task_type, initial)
     return path
 
 
@@ -143,11 +156,18 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
                              "load it with peft.PeftModel.from_pretrained instead.")
     if raw.get("target_modules") is None:
         raise ValueError(f"{CONFIG_NAME} has no target_modules; lora_lab needs the module names written out.")
-    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias")
+    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "init_lora_weights",
+              "loftq_config")
     try:
-        return LoraConfig(**{k: raw[k] for k in fields if k in raw})
+        config = LoraConfig(**{k: raw[k] for k in fields if k in raw})
     except (ValueError, TypeError) as err:
         raise type(err)(f"{CONFIG_NAME}: {err}") from None
+    if pissa_niter(config.init_lora_weights) is not None:
+        raise ValueError(f"The adapter was started with init_lora_weights={config.init_lora_weights!r}, a random SVD, "
+                         "so its residual base cannot be recomputed from the original weights (PEFT would silently "
+                         "compute another one). Convert it to plain LoRA when saving: save_adapter(model, path, "
+                         "path_initial_model_for_weight_conversion=<the adapter saved right after init>).")
+    return config
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -159,7 +179,8 @@ def _peft_config_dict(config: LoraConfig, targets, task_type: str | None) -> dic
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": None, "revision": None,
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "target_modules": targets if isinstance(targets, str) else list(targets),
-        "use_rslora": config.use_rslora, "bias": config.bias, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": config.use_rslora, "bias": config.bias, "inference_mode": True,
+        "init_lora_weights": config.init_lora_weights, "loftq_config": config.loftq_config,
         **_UNSUPPORTED, "layers_pattern": None,
     }
 
@@ -177,13 +198,24 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def _save_one(model: nn.Module, layers: dict[str, LoRALinear], adapter: str, config: LoraConfig, path: Path,
-              task_type: str | None) -> None:
-    """One adapter's two files: its factors (and the biases ``config.bias`` saves) and its config."""
+              task_type: str | None, initial: dict | None = None) -> None:
+    """One adapter's two files: its factors (and the biases ``config.bias`` saves) and its config.
+
+    With ``initial`` (the factors right after a PiSSA/OLoRA init, by file key) the adapter is converted to
+    plain LoRA of rank 2r on the original weights (`lora_init.subtract_initial`).
+    """
     holders = {name: layer for name, layer in layers.items() if adapter in layer.lora_A}
     tensors = {}
     for name, layer in holders.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter].weight  # (r, in)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter].weight  # (out, r)
+        if initial is not None:
+            key_A, key_B = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+            tensors[key_A], tensors[key_B] = subtract_initial(tensors[key_A].detach(), tensors[key_B].detach(),
+                                                              initial[key_A], initial[key_B])
+    if initial is not None:
+        alpha = config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)  # same scaling at rank 2r
+        config = replace(config, r=2 * config.r, lora_alpha=alpha, init_lora_weights=True)
     for name in _bias_names(model, config.bias):
         tensors[PREFIX + name] = model.get_parameter(name)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -193,6 +225,35 @@ def _save_one(model: nn.Module, layers: dict[str, LoRALinear], adapter: str, con
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
     _write_atomic(path / CONFIG_NAME, json.dumps(_peft_config_dict(config, targets, task_type), indent=2).encode())
+
+
+def _initial_factors(model: nn.Module, layers: dict[str, LoRALinear], configs: dict[str, LoraConfig],
+                     names: list[str], initial_path) -> dict[str, torch.Tensor]:
+    """The factors `save_adapter` wrote right after init, checked against the adapter being converted."""
+    if len(names) != 1:
+        raise ValueError(f"path_initial_model_for_weight_conversion converts one adapter; pass selected_adapters="
+                         f"[name] (the model has {names}).")
+    config = configs[names[0]]
+    if not (changes_base(config.init_lora_weights) and config.init_lora_weights != "loftq"):
+        raise ValueError(f"Adapter {names[0]!r} has init_lora_weights={config.init_lora_weights!r}; the conversion is "
+                         "for PiSSA and OLoRA, whose base is W0 minus the initial factors. (LoftQ's base is 4-bit: "
+                         "keep the whole model with save_quantized instead.)")
+    initial_path = Path(initial_path)
+    if not (initial_path / CONFIG_NAME).is_file() or not (initial_path / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{str(initial_path)!r} is not an adapter directory; pass what save_adapter wrote right "
+                         "after init, before training.")
+    raw = read_json(initial_path / CONFIG_NAME, FIX)
+    if (raw.get("r"), raw.get("init_lora_weights")) != (config.r, config.init_lora_weights):
+        raise ValueError(f"The initial adapter has r={raw.get('r')!r}, init_lora_weights="
+                         f"{raw.get('init_lora_weights')!r}; the model's has r={config.r}, "
+                         f"{config.init_lora_weights!r}. Pass the adapter saved right after this model's init.")
+    tensors, _ = read_safetensors(initial_path / WEIGHTS_NAME, FIX)
+    wanted = {f"{PREFIX}{n}.lora_{f}.weight" for n, m in layers.items() if names[0] in m.lora_A for f in "AB"}
+    if set(tensors) != wanted:
+        raise ValueError(f"The initial adapter in {str(initial_path)!r} holds other layers than adapter "
+                         f"{names[0]!r}; pass the adapter saved right after this model's init.")
+    check_finite(tensors, WEIGHTS_NAME, "Save the initial adapter again.")
+    return tensors
 
 
 def _parameter_name(key: str, adapter: str) -> str:
@@ -249,6 +310,12 @@ def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: Lor
     for name, layer in wrapped.items():
         if layer.merged:
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before loading weights.")
+    own = getattr(model, "peft_config", {}).get(adapter)
+    own_init = own.init_lora_weights if own is not None else True
+    if (changes_base(own_init) or changes_base(config.init_lora_weights)) and own_init != config.init_lora_weights:
+        raise ValueError(f"Adapter {adapter!r} was set up with init_lora_weights={own_init!r}, the file with "
+                         f"{config.init_lora_weights!r}: PiSSA/OLoRA/LoftQ factors belong with the base weights their "
+                         "init wrote. Load the file onto the plain model instead.")
     for name, layer in holders.items():
         mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter])
         if mine != (config.r, config.lora_alpha, config.use_rslora):

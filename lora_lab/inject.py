@@ -17,6 +17,7 @@ from torch import nn
 
 from .lora import ALL_LINEAR, DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_flag, check_adapter_name, check_rank, \
     float_weight, is_linear_like
+from .lora_init import changes_base
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -39,12 +40,16 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT
     check_adapter_name(adapter_name)
     names = lora_targets(model, config)
     grad_flags = {p: p.requires_grad for p in model.parameters()}
+    weights = base_weights_to_restore(model, names, config.init_lora_weights)
     try:
         wrappers = {name: LoRALinear(model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
-                                     config.use_rslora, adapter_name) for name in names}
+                                     config.use_rslora, adapter_name, init_lora_weights=config.init_lora_weights,
+                                     loftq_config=config.loftq_config) for name in names}
     except Exception:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
+        for p, data in weights.items():
+            p.data = data  # PiSSA/OLoRA/LoftQ replaced some base weights before the failure: put them back
         raise
     for name, wrapper in wrappers.items():
         set_submodule(model, name, wrapper)
@@ -79,6 +84,26 @@ def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                             "linear layers; narrow target_modules to the nn.Linear names.")
         check_rank(config.r, module.in_features, module.out_features, where=f" for {name!r}")
     return names
+
+
+def base_weights_to_restore(model: nn.Module, names: list[str], init_lora_weights) -> dict:
+    """For an init that rewrites base weights (`lora_init.changes_base`): ``{weight: its tensor now}``, else {}.
+
+    Refuses a weight shared with another module (tied embeddings), which the rewrite would change too.
+    """
+    if not changes_base(init_lora_weights):
+        return {}
+    weights = {name: getattr(model.get_submodule(name), "weight", None) for name in names}
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, weight in weights.items():
+        others = [n for n in owners.get(id(weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} rewrites {name!r}'s weight, which is shared "
+                             f"with {others[0]!r} (tied embeddings), so it would change that module too. Untie "
+                             "it or leave it out of target_modules.")
+    return {w: w.data for w in weights.values() if isinstance(w, torch.Tensor)}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

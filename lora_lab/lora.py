@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from . import lora_init
+from .lora_init import LoftQConfig
 
 ALL_LINEAR = "all-linear"
 DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
@@ -38,6 +41,10 @@ class LoraConfig:
         use_rslora: Use rank-stabilized scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv 2312.03732).
         bias: ``"none"`` (all biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of the
             wrapped layers train).
+        init_lora_weights: How the factors start (PEFT's name and default True), see `lora_lab.lora_init`:
+            True, False, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_N"``, ``"olora"`` or ``"loftq"``. The last
+            three rewrite the base weights (so that the model's output is unchanged at the start).
+        loftq_config: `LoftQConfig` (stored as a dict, as in PEFT) for ``init_lora_weights="loftq"``; else empty.
     """
 
     r: int = 8
@@ -46,9 +53,13 @@ class LoraConfig:
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
     use_rslora: bool = False
     bias: str = "none"
+    init_lora_weights: bool | str = True  # PEFT's default: A Kaiming-uniform, B = 0
+    loftq_config: LoftQConfig | dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_rank(self.r)
+        lora_init.check_init_lora_weights(self.init_lora_weights)
+        self.loftq_config = lora_init.check_loftq_config(self.init_lora_weights, self.loftq_config)
         _check_dropout(self.lora_dropout)
         _check_alpha(self.lora_alpha)
         check_flag(self.use_rslora, "use_rslora")
@@ -105,10 +116,12 @@ class LoRALinear(nn.Module):
         lora_dropout: Dropout probability on the adapter's input, in ``[0, 1)``.
         use_rslora: Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
         adapter_name: The first adapter's name, which is also the active one.
+        init_lora_weights, loftq_config: How the factors start, as in `LoraConfig` (see `reset_lora_parameters`).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = DEFAULT_ADAPTER):
+                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = DEFAULT_ADAPTER, *,
+                 init_lora_weights: bool | str = True, loftq_config: dict | None = None):
         super().__init__()
         _check_base(base_layer)
         self.base_layer = base_layer
@@ -120,14 +133,17 @@ class LoRALinear(nn.Module):
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.merged_adapters: list[str] = []
         self.disable_adapters = False  # PEFT's flag: True computes base_layer(x) alone (see `disable_adapter`)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_config)
         self.active_adapter = adapter_name
         base_layer.requires_grad_(False)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     use_rslora: bool = False) -> None:
+                     use_rslora: bool = False, init_lora_weights: bool | str = True,
+                     loftq_config: dict | None = None) -> None:
         """Add an adapter called ``adapter_name`` (PEFT's method name); everything is checked first."""
         check_adapter_name(adapter_name)
+        lora_init.check_init_lora_weights(init_lora_weights)
+        loftq_config = lora_init.check_loftq_config(init_lora_weights, loftq_config or {})
         if adapter_name in self.lora_A:
             raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
                              "delete_adapter it first.")
@@ -142,16 +158,38 @@ class LoRALinear(nn.Module):
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = _scaling(lora_alpha, r, use_rslora)
-        self.reset_lora_parameters(adapter_name)
+        self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
         if getattr(self, "active_adapter", adapter_name) != adapter_name:  # a second adapter waits, frozen
             self.lora_A[adapter_name].requires_grad_(False)
             self.lora_B[adapter_name].requires_grad_(False)
 
-    def reset_lora_parameters(self, adapter_name: str | None = None) -> None:
-        """A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (see `# Note: why lora_B starts at zero`)."""
+    def reset_lora_parameters(self, adapter_name: str | None = None, init_lora_weights: bool | str = True,
+                              loftq_config: dict | None = None) -> None:
+        """Initialize an adapter's factors as ``init_lora_weights`` says (PEFT's method; `lora_lab.lora_init`).
+
+        True: A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (see `# Note: why lora_B starts at zero`); False: both
+        random; ``"gaussian"``: A ~ N(0, 1/r^2), B = 0. ``"pissa"``, ``"pissa_niter_N"``, ``"olora"`` and
+        ``"loftq"`` also REPLACE ``base_layer.weight`` (a new tensor, the old one is not written to): by the
+        residual ``W0 - s B A``, or for LoftQ by ``dequant(Q_T)`` in W0's dtype (PEFT's LoftQ on a
+        full-precision model); they need a floating-point base (on a 4-bit one, use `lora_lab.apply_qlora`).
+        """
         name = self._name(adapter_name)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+        if not lora_init.changes_base(init_lora_weights):
+            lora_init.reset_factors(self.lora_A[name], self.lora_B[name], init_lora_weights, self.r[name])
+            return
+        weight, r, s = getattr(self.base_layer, "weight", None), self.r[name], self.scaling[name]
+        if init_lora_weights == "loftq":
+            iters = lora_init.check_loftq_config("loftq", loftq_config or {})["loftq_iter"]
+            A, B, q = lora_init.loftq_init(weight, r, s, iters)
+            new_weight = q.dequantize(weight.dtype)
+        elif init_lora_weights == "olora":
+            A, B, new_weight = lora_init.olora_init(weight, r, s)
+        else:
+            A, B, new_weight = lora_init.pissa_init(weight, r, s, lora_init.pissa_niter(init_lora_weights))
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(A)
+            self.lora_B[name].weight.copy_(B)
+        weight.data = new_weight  # `apply_lora` keeps the old tensor to put back if another layer fails
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one the forward pass uses; its factors train, every other one is frozen.

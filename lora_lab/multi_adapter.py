@@ -17,6 +17,7 @@ from torch import nn
 
 from .inject import lora_layers, set_submodule, targets_before_wrapping
 from .lora import LoraConfig, LoRALinear, check_adapter_name, check_rank, is_linear_like
+from .lora_init import changes_base
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -41,6 +42,11 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         raise TypeError(f"config must be a lora_lab.LoraConfig, got {type(config).__name__}.")
     if adapter_name in configs:
         raise ValueError(f"The model already has an adapter named {adapter_name!r}; adapters: {list(configs)}.")
+    if changes_base(config.init_lora_weights) or any(changes_base(c.init_lora_weights) for c in configs.values()):
+        raise ValueError("PiSSA, OLoRA and LoftQ rewrite the base weights, so they cannot share a model with other "
+                         "adapters (the others were trained on the old weights, PEFT warns likewise). Apply them to "
+                         "a model without LoRA, or save_adapter(..., path_initial_model_for_weight_conversion=...) "
+                         "to turn one into a plain LoRA adapter first.")
     first = next(iter(configs.values()))
     if config.bias != first.bias:
         raise ValueError(f"The new adapter has bias={config.bias!r}, the model's adapters bias={first.bias!r}; "
@@ -59,9 +65,9 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
-            module.update_layer(adapter_name, *options)
+            module.update_layer(adapter_name, *options, init_lora_weights=config.init_lora_weights)
         else:
-            layer = LoRALinear(module, *options, adapter_name=adapter_name)
+            layer = LoRALinear(module, *options, adapter_name=adapter_name, init_lora_weights=config.init_lora_weights)
             layer.set_adapter(model.active_adapter)  # pass-through until this adapter is set
             set_submodule(model, name, layer)
     model.peft_config[adapter_name] = config
