@@ -35,6 +35,8 @@ FIX = "Save the adapter again."
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
                 "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
+# PEFT inits that lora_lab lacks but that leave the base weight alone: their adapters load as plain LoRA.
+_INITS_THAT_KEEP_THE_BASE = ("eva", "orthogonal")
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = "auto",
@@ -45,6 +47,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
     An adapter started with PiSSA or OLoRA is saved with its ``init_lora_weights``, as PEFT saves it: loading
     it onto the original model recomputes the residual base (see `lora_lab.lora_init`, ``# Note: what a changed
     base means for saving``); ``"pissa_niter_N"`` is random, so such a file is for the conversion below only.
+    LoftQ's adapter is saved with its ``loftq_config`` and loads the same way (PEFT runs LoftQ on CUDA only).
+    For a QLoRA model, whose base is the quantized residual, call ``apply_qlora(model, the same config)`` and
+    then `load_adapter`: that recomputes the same 4-bit base and overwrites the factors.
 
     Args:
         model: A model with LoRA layers (from `apply_lora` or `load_adapter`).
@@ -158,6 +163,8 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{CONFIG_NAME} has no target_modules; lora_lab needs the module names written out.")
     fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "init_lora_weights",
               "loftq_config")
+    if raw.get("init_lora_weights") in _INITS_THAT_KEEP_THE_BASE:
+        raw = {**raw, "init_lora_weights": True}  # the file's factors replace the init; the base is W0 either way
     try:
         config = LoraConfig(**{k: raw[k] for k in fields if k in raw})
     except (ValueError, TypeError) as err:

@@ -99,7 +99,8 @@ class LoRALinear(nn.Module):
     ``r[name]``, ``lora_alpha[name]`` and ``scaling[name]``: PEFT's layout, so ``layer.lora_A["default"]`` is
     the same expression in both. One adapter is active at a time (`set_adapter`); the others are kept,
     frozen, and cost nothing in the forward pass. ``A`` starts Kaiming-uniform (``a=sqrt(5)``, as loralib and
-    PEFT do; the paper's text says Gaussian), ``B`` starts at zero.
+    PEFT do; the paper's text says Gaussian), ``B`` starts at zero; ``init_lora_weights`` picks another start
+    (`lora_lab.lora_init`: Gaussian, PiSSA, OLoRA, LoftQ).
 
     # Note: why lora_B starts at zero
     With ``B = 0`` the update ``B A`` is zero, so the wrapped model computes exactly what the pretrained one
@@ -158,7 +159,13 @@ class LoRALinear(nn.Module):
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = _scaling(lora_alpha, r, use_rslora)
-        self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
+        try:
+            self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
+        except Exception:  # e.g. PiSSA on a NaN or 4-bit base: the layer keeps only the adapters it had
+            for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.use_rslora,
+                          self.scaling):
+                del table[adapter_name]
+            raise
         if getattr(self, "active_adapter", adapter_name) != adapter_name:  # a second adapter waits, frozen
             self.lora_A[adapter_name].requires_grad_(False)
             self.lora_B[adapter_name].requires_grad_(False)

@@ -54,7 +54,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float,
             groups["groupB" if decays else "groupB_no_decay"].append(p)
         else:
             groups["groupA"].append(p)
-    if not groups["groupB"] and not groups["groupB_no_decay"]:
+    if not any("lora_B" in name and p.requires_grad for name, p in model.named_parameters()):
         raise ValueError("LoRA+ scales the learning rate of lora_B, and no lora_B trains in this model; apply_lora "
                          "or apply_qlora first (or train without loraplus_lr_ratio).")
     rates = {"groupA": lr, "embedding": loraplus_lr_embedding, "groupB": lr * loraplus_lr_ratio,

@@ -278,6 +278,19 @@ def test_subtract_initial_is_the_difference_of_updates():
         subtract_initial(A, B, A0[:2], B0)
 
 
+@pytest.mark.parametrize("init, loads", [("eva", True), ("orthogonal", True), ("corda", False), ("lora_ga", False)])
+def test_peft_inits_the_kit_lacks_load_only_where_the_base_is_untouched(base, ids, tmp_path, init, loads):
+    ours = randomize(apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS)))
+    save_adapter(ours, tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "init_lora_weights": init}))
+    if loads:  # EVA and orthogonal init only pick the factors' start, which the file's factors replace
+        assert torch.equal(logits(load_adapter(copy.deepcopy(base), tmp_path), ids), logits(ours, ids))
+    else:  # CorDA and LoRA-GA rewrite the base weights, which lora_lab does not implement
+        with pytest.raises(ValueError, match="not implemented"):
+            load_adapter(copy.deepcopy(base), tmp_path)
+
+
 def test_a_random_svd_adapter_file_is_refused(base, tmp_path):
     ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa_niter_2"))
     save_adapter(ours, tmp_path)
@@ -395,3 +408,19 @@ def test_apply_qlora_with_pissa_quantizes_the_residual():
     A, B, residual = pissa_init(w, 4, 2.0)  # LoraConfig's lora_alpha=8 at r=4: s = 2
     assert torch.equal(model[0].base_layer.weight, quantize(residual, "nf4", 64, True).packed)
     assert torch.equal(model[0].lora_A["default"].weight, A)
+
+
+def test_a_loftq_adapter_round_trips_onto_the_model_it_needs(tmp_path):
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="loftq",
+                        loftq_config=LoftQConfig())
+    x = torch.randint(0, 34, (2, 8), generator=torch.Generator().manual_seed(0))
+    for apply in (apply_lora, apply_qlora):  # PEFT's LoftQ on full-precision weights, and the kit's 4-bit one
+        ours = randomize(apply(load_base_model(), config))
+        save_adapter(ours, tmp_path / apply.__name__)
+        assert json.loads((tmp_path / apply.__name__ / "adapter_config.json").read_text())["loftq_config"] == {
+            "loftq_bits": 4, "loftq_iter": 1}
+        # The same deterministic LoftQ on the same weights gives the same base; the file gives the factors.
+        target = load_base_model() if apply is apply_lora else apply_qlora(load_base_model(), config)
+        again = load_adapter(target, tmp_path / apply.__name__)
+        with torch.no_grad():
+            assert torch.equal(again(x), ours(x))
