@@ -12,6 +12,8 @@ from .lora import LoraConfig, LoRALinear, LoRALayer, ParameterCount, count_param
 from .dora import MagnitudeVector  # noqa: F401
 from .lora_embedding import LoRAEmbedding  # noqa: F401
 from .modules_to_save import ModulesToSaveWrapper  # noqa: F401
+from .lora_init import LoftQConfig  # noqa: F401
+from .loraplus import create_loraplus_optimizer, loraplus_param_groups  # noqa: F401
 from .inject import apply_lora, lora_layers, merge_lora, unload, unmerge_lora  # noqa: F401
 from .multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter  # noqa: F401
 from .adapter import load_adapter, save_adapter  # noqa: F401

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from ._io import FLOAT_CODES, check_finite, read_header, read_json, read_safeten
 from .inject import apply_lora, is_transformers_model, layer_dims, lora_layers, lora_targets, targets_before_wrapping
 from .lora import ALL_LINEAR, DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_adapter_name
 from .lora_embedding import LoRAEmbedding
+from .lora_init import changes_base, pissa_niter, subtract_initial
 from .model import LlamaForCausalLM
 from .modules_to_save import modules_to_save_names, saved_module_wrappers
 from .multi_adapter import add_adapter
@@ -37,11 +39,21 @@ FIX = "Save the adapter again."
 _UNSUPPORTED = {"lora_bias": False,
                 "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
                 "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
+# PEFT inits that lora_lab lacks but that leave the base weight alone: their adapters load as plain LoRA.
+_INITS_THAT_KEEP_THE_BASE = ("eva", "orthogonal")
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = "auto",
-                 selected_adapters: list[str] | None = None) -> Path:
+                 selected_adapters: list[str] | None = None,
+                 path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> Path:
     """Write the model's LoRA adapters and configs as PEFT adapter directories.
+
+    An adapter started with PiSSA or OLoRA is saved with its ``init_lora_weights``, as PEFT saves it: loading
+    it onto the original model recomputes the residual base (see `lora_lab.lora_init`, ``# Note: what a changed
+    base means for saving``); ``"pissa_niter_N"`` is random, so such a file is for the conversion below only.
+    LoftQ's adapter is saved with its ``loftq_config`` and loads the same way (PEFT runs LoftQ on CUDA only).
+    For a QLoRA model, whose base is the quantized residual, call ``apply_qlora(model, the same config)`` and
+    then `load_adapter`: that recomputes the same 4-bit base and overwrites the factors.
 
     Args:
         model: A model with LoRA layers (from `apply_lora` or `load_adapter`).
@@ -53,6 +65,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
             (it needs ``prepare_inputs_for_generation``); None (null) for any other module, which loads as a
             plain ``PeftModel``.
         selected_adapters: The adapters to save (PEFT's argument); None saves every one.
+        path_initial_model_for_weight_conversion: PEFT's argument: the directory `save_adapter` wrote right after
+            a PiSSA/OLoRA init, before training. The adapter is then saved as a plain LoRA adapter on the original
+            weights: rank 2r, ``[B, -B0] [A; A0]`` (`lora_init.subtract_initial`), ``init_lora_weights=True``.
 
     Returns:
         The directory path.
@@ -65,11 +80,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
     unknown = [n for n in names if n not in configs]
     if unknown or not names:
         raise ValueError(f"selected_adapters={selected_adapters!r}: the model's adapters are {list(configs)}.")
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        initial = _initial_factors(model, layers, configs, names, path_initial_model_for_weight_conversion)
     path = Path(path)
     task_type = _task_type(model) if task_type == "auto" else task_type
     for adapter in names:
         _save_one(model, layers, adapter, configs[adapter], path if adapter == DEFAULT_ADAPTER else path / adapter,
-                  task_type)
+                  task_type, initial)
     return path
 
 
@@ -155,11 +173,19 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     if raw.get("target_modules") is None:
         raise ValueError(f"{CONFIG_NAME} has no target_modules; lora_lab needs the module names written out.")
     fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "use_dora",
-              "fan_in_fan_out", "modules_to_save")
+              "fan_in_fan_out", "modules_to_save", "init_lora_weights", "loftq_config")
+    if raw.get("init_lora_weights") in _INITS_THAT_KEEP_THE_BASE:
+        raw = {**raw, "init_lora_weights": True}  # the file's factors replace the init; the base is W0 either way
     try:
-        return LoraConfig(**{k: raw[k] for k in fields if k in raw})
+        config = LoraConfig(**{k: raw[k] for k in fields if k in raw})
     except (ValueError, TypeError) as err:
         raise type(err)(f"{CONFIG_NAME}: {err}") from None
+    if pissa_niter(config.init_lora_weights) is not None:
+        raise ValueError(f"The adapter was started with init_lora_weights={config.init_lora_weights!r}, a random SVD, "
+                         "so its residual base cannot be recomputed from the original weights (PEFT would silently "
+                         "compute another one). Convert it to plain LoRA when saving: save_adapter(model, path, "
+                         "path_initial_model_for_weight_conversion=<the adapter saved right after init>).")
+    return config
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -171,7 +197,8 @@ def _peft_config_dict(config: LoraConfig, targets, task_type: str | None) -> dic
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": None, "revision": None,
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "target_modules": targets if isinstance(targets, str) else list(targets),
-        "use_rslora": config.use_rslora, "bias": config.bias, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": config.use_rslora, "bias": config.bias, "inference_mode": True,
+        "init_lora_weights": config.init_lora_weights, "loftq_config": config.loftq_config,
         **_UNSUPPORTED, "layers_pattern": None, "use_dora": config.use_dora, "fan_in_fan_out": config.fan_in_fan_out,
         "modules_to_save": None if config.modules_to_save is None else list(config.modules_to_save),
     }
@@ -190,8 +217,12 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def _save_one(model: nn.Module, layers: dict[str, LoRALinear], adapter: str, config: LoraConfig, path: Path,
-              task_type: str | None) -> None:
-    """One adapter's two files: its factors (and the biases ``config.bias`` saves) and its config."""
+              task_type: str | None, initial: dict | None = None) -> None:
+    """One adapter's two files: its factors (and the biases ``config.bias`` saves) and its config.
+
+    With ``initial`` (the factors right after a PiSSA/OLoRA init, by file key) the adapter is converted to
+    plain LoRA of rank 2r on the original weights (`lora_init.subtract_initial`).
+    """
     holders = {name: layer for name, layer in layers.items() if adapter in layer.lora_A}
     tensors = {}
     for name, layer in holders.items():
@@ -199,6 +230,12 @@ def _save_one(model: nn.Module, layers: dict[str, LoRALinear], adapter: str, con
         tensors[key_A], tensors[key_B] = layer.factors(adapter)  # A (r, in), B (out, r)
         if adapter in layer.lora_magnitude_vector:  # DoRA's m (out,), under PEFT's key (no ".weight")
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].weight
+        if initial is not None:  # PiSSA/OLoRA (linear layers only) converted to plain LoRA of rank 2r
+            tensors[key_A], tensors[key_B] = subtract_initial(tensors[key_A].detach(), tensors[key_B].detach(),
+                                                              initial[key_A], initial[key_B])
+    if initial is not None:
+        alpha = config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)  # same scaling at rank 2r
+        config = replace(config, r=2 * config.r, lora_alpha=alpha, init_lora_weights=True)
     for name, wrapper in saved_module_wrappers(model).items():  # PEFT drops "modules_to_save.<adapter>."
         if adapter in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter].state_dict().items():
@@ -256,6 +293,35 @@ def _model_tensor(model: nn.Module, name: str) -> torch.Tensor:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     return module.get_parameter(leaf) if leaf in module._parameters else module.get_buffer(leaf)
+
+
+def _initial_factors(model: nn.Module, layers: dict[str, LoRALinear], configs: dict[str, LoraConfig],
+                     names: list[str], initial_path) -> dict[str, torch.Tensor]:
+    """The factors `save_adapter` wrote right after init, checked against the adapter being converted."""
+    if len(names) != 1:
+        raise ValueError(f"path_initial_model_for_weight_conversion converts one adapter; pass selected_adapters="
+                         f"[name] (the model has {names}).")
+    config = configs[names[0]]
+    if not (changes_base(config.init_lora_weights) and config.init_lora_weights != "loftq"):
+        raise ValueError(f"Adapter {names[0]!r} has init_lora_weights={config.init_lora_weights!r}; the conversion is "
+                         "for PiSSA and OLoRA, whose base is W0 minus the initial factors. (LoftQ's base is 4-bit: "
+                         "keep the whole model with save_quantized instead.)")
+    initial_path = Path(initial_path)
+    if not (initial_path / CONFIG_NAME).is_file() or not (initial_path / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{str(initial_path)!r} is not an adapter directory; pass what save_adapter wrote right "
+                         "after init, before training.")
+    raw = read_json(initial_path / CONFIG_NAME, FIX)
+    if (raw.get("r"), raw.get("init_lora_weights")) != (config.r, config.init_lora_weights):
+        raise ValueError(f"The initial adapter has r={raw.get('r')!r}, init_lora_weights="
+                         f"{raw.get('init_lora_weights')!r}; the model's has r={config.r}, "
+                         f"{config.init_lora_weights!r}. Pass the adapter saved right after this model's init.")
+    tensors, _ = read_safetensors(initial_path / WEIGHTS_NAME, FIX)
+    wanted = {f"{PREFIX}{n}.lora_{f}.weight" for n, m in layers.items() if names[0] in m.lora_A for f in "AB"}
+    if set(tensors) != wanted:
+        raise ValueError(f"The initial adapter in {str(initial_path)!r} holds other layers than adapter "
+                         f"{names[0]!r}; pass the adapter saved right after this model's init.")
+    check_finite(tensors, WEIGHTS_NAME, "Save the initial adapter again.")
+    return tensors
 
 
 def _parameter_name(key: str, adapter: str) -> str:
@@ -322,6 +388,12 @@ def _check_wrapped(model: nn.Module, wrapped: dict[str, LoRALinear], config: Lor
     for name, layer in wrapped.items():
         if layer.merged:
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before loading weights.")
+    own = getattr(model, "peft_config", {}).get(adapter)
+    own_init = own.init_lora_weights if own is not None else True
+    if (changes_base(own_init) or changes_base(config.init_lora_weights)) and own_init != config.init_lora_weights:
+        raise ValueError(f"Adapter {adapter!r} was set up with init_lora_weights={own_init!r}, the file with "
+                         f"{config.init_lora_weights!r}: PiSSA/OLoRA/LoftQ factors belong with the base weights their "
+                         "init wrote. Load the file onto the plain model instead.")
     for name, layer in holders.items():
         mine = (layer.r[adapter], layer.lora_alpha[adapter], layer.use_rslora[adapter], layer.use_dora[adapter])
         if mine != (config.r, config.lora_alpha, config.use_rslora, config.use_dora):

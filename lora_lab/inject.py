@@ -20,6 +20,7 @@ from .lora import ALL_LINEAR, DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_fla
     float_weight, is_conv1d, is_linear_like, linear_dims
 from .lora_embedding import LoRAEmbedding
 from .modules_to_save import modules_to_save_names, saved_module_wrappers, wrap_modules_to_save
+from .lora_init import changes_base
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -43,11 +44,14 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT
     names = lora_targets(model, config)
     saved = modules_to_save_names(model, config.modules_to_save or (), exclude=tuple(f"{n}." for n in names))
     grad_flags = {p: p.requires_grad for p in model.parameters()}
+    weights = base_weights_to_restore(model, names, config.init_lora_weights)
     try:
         wrappers = {name: wrap_layer(model.get_submodule(name), config, adapter_name) for name in names}
     except Exception:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
+        for p, data in weights.items():
+            p.data = data  # PiSSA/OLoRA/LoftQ replaced some base weights before the failure: put them back
         raise
     _warn_fan_in_fan_out(config, wrappers)
     for name, wrapper in wrappers.items():
@@ -96,7 +100,7 @@ def wrap_layer(module: nn.Module, config: LoraConfig, adapter_name: str) -> LoRA
     """The LoRA wrapper for one target: `LoRAEmbedding` for an ``nn.Embedding``, `LoRALinear` otherwise."""
     kind = LoRAEmbedding if isinstance(module, nn.Embedding) else LoRALinear
     return kind(module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, adapter_name,
-                use_dora=config.use_dora)
+                use_dora=config.use_dora, init_lora_weights=config.init_lora_weights, loftq_config=config.loftq_config)
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
@@ -116,6 +120,26 @@ def _warn_fan_in_fan_out(config: LoraConfig, wrappers: dict[str, LoRALinear]) ->
     elif config.fan_in_fan_out and len(conv) < len(wrappers):
         warnings.warn("fan_in_fan_out is set to True but some target modules are nn.Linear (weight (out, in)); "
                       "each layer follows its own weight's layout.", stacklevel=3)
+
+
+def base_weights_to_restore(model: nn.Module, names: list[str], init_lora_weights) -> dict:
+    """For an init that rewrites base weights (`lora_init.changes_base`): ``{weight: its tensor now}``, else {}.
+
+    Refuses a weight shared with another module (tied embeddings), which the rewrite would change too.
+    """
+    if not changes_base(init_lora_weights):
+        return {}
+    weights = {name: getattr(model.get_submodule(name), "weight", None) for name in names}
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, weight in weights.items():
+        others = [n for n in owners.get(id(weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} rewrites {name!r}'s weight, which is shared "
+                             f"with {others[0]!r} (tied embeddings), so it would change that module too. Untie "
+                             "it or leave it out of target_modules.")
+    return {w: w.data for w in weights.values() if isinstance(w, torch.Tensor)}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

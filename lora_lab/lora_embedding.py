@@ -41,7 +41,7 @@ class LoRAEmbedding(LoRALinear):
 
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
                  lora_dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = DEFAULT_ADAPTER,
-                 use_dora: bool = False):
+                 use_dora: bool = False, *, init_lora_weights: bool | str = True, loftq_config: dict | None = None):
         nn.Module.__init__(self)  # LoRALinear's tables are nn.Linear modules; these are bare parameters
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base_layer).__name__}.")
@@ -56,7 +56,8 @@ class LoRAEmbedding(LoRALinear):
         self._dora_norms: dict[str, torch.Tensor] = {}
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora=use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_config,
+                          use_dora=use_dora)
         self.active_adapter = adapter_name
         base_layer.requires_grad_(False)
 
@@ -71,9 +72,13 @@ class LoRAEmbedding(LoRALinear):
         return self.lora_embedding_B
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     use_rslora: bool = False, *, use_dora: bool = False) -> None:
+                     use_rslora: bool = False, init_lora_weights: bool | str = True,
+                     loftq_config: dict | None = None, *, use_dora: bool = False) -> None:
         """Add an adapter called ``adapter_name``; everything is checked first."""
         check_adapter_name(adapter_name)
+        if init_lora_weights is not True or loftq_config:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} on an nn.Embedding is not implemented in "
+                             "lora_lab; embeddings start as PEFT's do (A = 0, B normal).")
         if use_dora is not False:
             raise ValueError("DoRA (use_dora=True) on an nn.Embedding is not implemented in lora_lab; target only "
                              "linear layers with a DoRA config.")

@@ -18,6 +18,7 @@ from torch import nn
 from .inject import layer_dims, lora_layers, set_submodule, targets_before_wrapping, wrap_layer
 from .lora import LoraConfig, LoRALinear, check_adapter_name, check_rank, is_linear_like
 from .modules_to_save import modules_to_save_names, saved_module_wrappers, wrap_modules_to_save
+from .lora_init import changes_base
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -42,6 +43,11 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         raise TypeError(f"config must be a lora_lab.LoraConfig, got {type(config).__name__}.")
     if adapter_name in configs:
         raise ValueError(f"The model already has an adapter named {adapter_name!r}; adapters: {list(configs)}.")
+    if changes_base(config.init_lora_weights) or any(changes_base(c.init_lora_weights) for c in configs.values()):
+        raise ValueError("PiSSA, OLoRA and LoftQ rewrite the base weights, so they cannot share a model with other "
+                         "adapters (the others were trained on the old weights, PEFT warns likewise). Apply them to "
+                         "a model without LoRA, or save_adapter(..., path_initial_model_for_weight_conversion=...) "
+                         "to turn one into a plain LoRA adapter first.")
     first = next(iter(configs.values()))
     if config.bias != first.bias:
         raise ValueError(f"The new adapter has bias={config.bias!r}, the model's adapters bias={first.bias!r}; "
@@ -61,7 +67,8 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
-            module.update_layer(adapter_name, *options, use_dora=config.use_dora)
+            module.update_layer(adapter_name, *options, init_lora_weights=config.init_lora_weights,
+                                use_dora=config.use_dora)
         else:
             layer = wrap_layer(module, config, adapter_name)
             layer.set_adapter(model.active_adapter)  # pass-through until this adapter is set
