@@ -37,6 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Callable
 from urllib.parse import quote
 
 import psutil
@@ -118,6 +119,7 @@ class Hub:
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.seen: dict[int, psutil.Process] = {}  # every process of the hub's tree seen while it ran
+        self.cmdlines: dict[int, str] = {}  # and its command line
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -155,9 +157,15 @@ class Hub:
         """The hub's process tree now (proxy, servers, kernels); remembered, so `stop` can check them all."""
         try:
             procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             return []
-        self.seen.update((p.pid, p) for p in procs)
+        for p in procs:
+            if p.pid not in self.seen:
+                try:
+                    self.cmdlines[p.pid] = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                self.seen[p.pid] = p
         return procs
 
     def stop(self, timeout_s: float = 30) -> list[str]:
@@ -177,11 +185,11 @@ class Hub:
                 self.proc.kill()
                 self.proc.wait()
         _, alive = psutil.wait_procs([p for p in self.seen.values() if p.is_running()], timeout=5)
-        leftover = [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in alive if _alive(p)]
+        leftover = [f"{p.pid} {self.cmdlines.get(p.pid, '')[:80]}" for p in alive if _alive(p)]
         for p in alive:
             try:
                 p.kill()
-            except psutil.NoSuchProcess:
+            except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=5)
         self.proc = None
@@ -201,7 +209,7 @@ class Hub:
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    except psutil.Error:
         return False
 
 
@@ -221,6 +229,7 @@ class NotebookRun:
     seconds: float = 0.0
     cells_run: int = 0
     cells: int = 0
+    kernel_id: str = ""
     error: str | None = None
     outputs: list[str] = field(default_factory=list)  # each cell's text output (stream + text/plain results)
 
@@ -287,6 +296,7 @@ class Student:
         session = await self.api("POST", f"/user/{self.name}/api/sessions",
                                  {"path": notebook.name, "type": "notebook", "name": notebook.name,
                                   "kernel": {"name": "python3"}})
+        run.kernel_id = session["kernel"]["id"]
         ws_url = (self.hub_url.replace("http", "ws", 1) + f"/user/{self.name}/api/kernels/"
                   f"{session['kernel']['id']}/channels?session_id={self.session_id}")
         ws = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {self.token}"}))
@@ -345,6 +355,7 @@ class TreeMemory:
     rss_peak: int = 0
     pss_peak: int = 0
     processes_peak: int = 0
+    kernels_peak: int = 0
     cpu_s: float = 0.0
 
 
@@ -357,15 +368,21 @@ class MemorySampler:
         self.hub_rss_peak = 0
         self.total_pss_peak = 0  # all students' trees together, at the same instant
         self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (student, last cpu seconds seen)
+        self.processes: dict[int, dict] = {}  # pid -> {"cmdline", "rss_peak", "cpu_s"}, each student process
         self._users: dict[int, str | None] = {}
         self._task: asyncio.Task | None = None
 
     def _user_of(self, p: psutil.Process) -> str | None:
+        """The student a process serves; remembered once known (not before: a server caught between fork and
+        exec still has the hub's environment)."""
         if p.pid not in self._users:
             try:
-                self._users[p.pid] = p.environ().get("JUPYTERHUB_USER")
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                user = p.environ().get("JUPYTERHUB_USER")
+            except psutil.Error:
                 return None
+            if user is None:
+                return None
+            self._users[p.pid] = user
         return self._users[p.pid]
 
     def sample(self) -> None:
@@ -376,24 +393,30 @@ class MemorySampler:
             if user is None:
                 try:
                     hub_rss += p.memory_info().rss
-                except psutil.NoSuchProcess:
+                except psutil.Error:
                     pass
             else:
                 trees.setdefault(user, []).append(p)
         self.hub_rss_peak = max(self.hub_rss_peak, hub_rss)
         total_pss = 0
         for user, procs in trees.items():
-            rss = pss = 0
+            rss = pss = measured = kernels = 0
             for p in procs:
-                try:
+                try:  # a process may end, or be a zombie (a child not yet reaped), between two calls
+                    cmdline = " ".join(p.cmdline())  # each time: a fork becomes a kernel at its exec
                     mem, cpu = p.memory_full_info(), p.cpu_times()
-                except psutil.NoSuchProcess:
+                except psutil.Error:
                     continue
-                rss, pss = rss + mem.rss, pss + mem.pss
+                rss, pss, measured = rss + mem.rss, pss + mem.pss, measured + 1
+                kernels += "ipykernel" in cmdline
                 self._cpu[p.pid] = (user, cpu.user + cpu.system + cpu.children_user + cpu.children_system)
+                proc = self.processes.setdefault(p.pid, {"rss_peak": 0})
+                proc["cmdline"], proc["rss_peak"] = cmdline, max(proc["rss_peak"], mem.rss)
+                proc["cpu_s"] = self._cpu[p.pid][1]
             tree = self.students.setdefault(user, TreeMemory())
             tree.rss_peak, tree.pss_peak = max(tree.rss_peak, rss), max(tree.pss_peak, pss)
-            tree.processes_peak = max(tree.processes_peak, len(procs))
+            tree.processes_peak = max(tree.processes_peak, measured)
+            tree.kernels_peak = max(tree.kernels_peak, kernels)
             total_pss += pss
         self.total_pss_peak = max(self.total_pss_peak, total_pss)
         for tree in self.students.values():
@@ -419,12 +442,22 @@ class MemorySampler:
                 pass
 
 
-async def run_class(hub: Hub, notebooks: list[Path], *, interval_s: float = 1.0,
-                    cell_timeout_s: float = 600) -> tuple[dict, list[Student]]:
+def _kernel_figures(sampler: MemorySampler, kernel_id: str) -> dict:
+    """The peak RSS and CPU seconds of the kernel process whose connection file names `kernel_id`."""
+    for proc in sampler.processes.values():
+        if kernel_id and kernel_id in proc["cmdline"]:
+            return {"kernel_rss_peak_mib": round(proc["rss_peak"] / 2**20, 1), "kernel_cpu_s": round(proc["cpu_s"], 1)}
+    return {}
+
+
+async def run_class(hub: Hub, notebooks: list[Path], *, interval_s: float = 1.0, cell_timeout_s: float = 600,
+                    before_stop: Callable[[list[Student]], Awaitable[None]] | None = None
+                    ) -> tuple[dict, list[Student]]:
     """Every student logs in, starts a server and runs `notebooks` one after another, all at the same time.
 
     A student's kernels stay open until every student has finished (as in class, where nobody shuts them down),
-    so the memory peaks include all of a student's kernels.
+    so the memory peaks include all of a student's kernels. `before_stop(students)`, if given, runs then, while
+    every server and kernel is still up (the test uses it to check that students cannot reach each other).
 
     Returns:
         A JSON-ready summary (one row per student, the class's wall time, the memory peaks) and the students
@@ -446,6 +479,8 @@ async def run_class(hub: Hub, notebooks: list[Path], *, interval_s: float = 1.0,
     results = await asyncio.gather(*(one(s) for s in students), return_exceptions=True)
     wall_s = time.monotonic() - t0
     await sampler.stop()
+    if before_stop is not None:
+        await before_stop(students)
     for s in students:
         if s.token:
             try:
@@ -459,9 +494,11 @@ async def run_class(hub: Hub, notebooks: list[Path], *, interval_s: float = 1.0,
         failure = failure or next((f"{r.path} {r.error}" for r in s.runs if r.error), None)
         rows.append({"student": s.name, **{k: round(v, 2) for k, v in s.timings.items()},
                      "notebooks": [{"path": r.path, "seconds": round(r.seconds, 2), "cells_run": r.cells_run,
-                                    "cells": r.cells, "error": r.error} for r in s.runs],
+                                    "cells": r.cells, "error": r.error, **_kernel_figures(sampler, r.kernel_id)}
+                                   for r in s.runs],
                      "rss_peak_mib": round(mem.rss_peak / 2**20, 1), "pss_peak_mib": round(mem.pss_peak / 2**20, 1),
-                     "processes_peak": mem.processes_peak, "cpu_s": round(mem.cpu_s, 1), "failure": failure})
+                     "processes_peak": mem.processes_peak, "kernels_peak": mem.kernels_peak,
+                     "cpu_s": round(mem.cpu_s, 1), "failure": failure})
     return {"students": len(students), "wall_s": round(wall_s, 2), "rows": rows,
             "hub_and_proxy_rss_peak_mib": round(sampler.hub_rss_peak / 2**20, 1),
             "students_pss_peak_total_mib": round(sampler.total_pss_peak / 2**20, 1)}, students
