@@ -107,6 +107,9 @@ def main(argv=None) -> int:
         print(f"... {n} student{'s' * (n > 1)}", flush=True)
         summary = _one_class(n, notebooks, proxy, args.timeout)
         results.append(summary)
+        if args.json:  # after every class, so a later failure keeps the figures so far
+            args.json.write_text(json.dumps({"machine": {"cpus": psutil.cpu_count(), "memory_gib": mem.total / 2**30},
+                                             "notebooks": [n.name for n in notebooks], "classes": results}, indent=1))
         if "error" not in summary and base is None and n == 1:
             base = summary["wall_s"]
         line, failures = _row(summary, base, notebooks)
@@ -127,9 +130,6 @@ def main(argv=None) -> int:
             print(f"  {nb.name}: {statistics.median(r['kernel_rss_peak_mib'] for r in runs):.0f} MiB, "
                   f"{statistics.median(r['kernel_cpu_s'] for r in runs):.0f} CPU s ({len(runs)} runs)")
     print("\nfailures:" if all_failures else "\nfailures: none", *all_failures, sep="\n  ")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": {"cpus": psutil.cpu_count(), "memory_gib": mem.total / 2**30},
-                                         "notebooks": [n.name for n in notebooks], "classes": results}, indent=1))
     return 1 if all_failures else 0
 
 

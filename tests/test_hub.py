@@ -145,3 +145,25 @@ def test_the_benchmark_refuses_a_class_size_out_of_bounds():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_hub.py"), "--students", "1,64"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and f"each count must be 1 to {MAX_STUDENTS}" in proc.stderr
+
+
+def _bytes(size: str) -> float:  # Kubernetes' quantities as z2jh takes them: 512M, 2G, 1.5Gi
+    units = {"K": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    number = size.rstrip("KMGi")
+    return float(number) * units.get(size[len(number):], 1)
+
+
+def test_the_kubernetes_config_is_consistent_with_the_image():
+    import yaml
+
+    config = yaml.safe_load((REPO / "docs" / "hub" / "config.yaml").read_text())["singleuser"]
+    assert _bytes(config["memory"]["guarantee"]) <= _bytes(config["memory"]["limit"])
+    assert 0 < config["cpu"]["guarantee"] <= config["cpu"]["limit"]
+    assert config["extraEnv"]["OMP_NUM_THREADS"] == str(config["cpu"]["limit"])  # one torch thread per core allowed
+    # the image's conda env is environment.yml's, and it is the one on PATH (its jupyterhub-singleuser, its kernel)
+    env_name = yaml.safe_load((REPO / "environment.yml").read_text())["name"]
+    dockerfile = (REPO / "docs" / "hub" / "Dockerfile").read_text()
+    assert "mamba env create -y -f environment.yml" in dockerfile
+    assert f"ENV PATH=/opt/conda/envs/{env_name}/bin:" in dockerfile
+    assert "/opt/lora_lab/notebooks" in config["lifecycleHooks"]["postStart"]["exec"]["command"][-1]
+    assert "COPY --chown=1000:100 . /opt/lora_lab" in dockerfile
