@@ -138,6 +138,13 @@ class Hub:
             self.proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(tmp / "jupyterhub_config.py")],
                                          cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        try:
+            self._wait_until_up(timeout_s)
+        except BaseException:
+            self.stop()  # nothing of a hub that did not come up is left running
+            raise
+
+    def _wait_until_up(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -487,6 +494,7 @@ async def run_class(hub: Hub, notebooks: list[Path], *, interval_s: float = 1.0,
                 await s.stop_server()
             except (HTTPClientError, OSError):
                 pass
+        s.http.close()
     rows = []
     for s, result in zip(students, results):
         mem = sampler.students.get(s.name, TreeMemory())

@@ -76,8 +76,8 @@ def hub_run(tmp_path_factory):
     notebook = tmp_path_factory.mktemp("hub") / "tiny.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS]), notebook)
     hub, found = Hub(STUDENTS, proxy, spawn_timeout_s=120), {}
-    hub.start()
     try:
+        hub.start()
         summary, students = asyncio.run(asyncio.wait_for(
             run_class(hub, [notebook], interval_s=0.5, cell_timeout_s=120,
                       before_stop=lambda s: _cross_checks(s, found)), 240))
