@@ -37,3 +37,21 @@ def peft_twin(peft, base, ours, **config):
 def grads(model, prefix=""):
     """Trainable parameters' gradients by our name (PEFT's prefix removed)."""
     return {n.removeprefix(prefix): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_llama(transformers, **config):
+    """A tiny transformers ``LlamaForCausalLM`` built locally (no download), seeded, in eval mode."""
+    config = transformers.LlamaConfig(**{**dict(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=32), **config})
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def token_ids(vocab=64, shape=(2, 6), seed=1):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits

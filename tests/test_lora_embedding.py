@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model_state import assert_unchanged, snapshot
-from peft_twin import PREFIX, grads, peft_twin, randomize
+from peft_twin import PREFIX, grads, peft_twin, randomize, tiny_llama, token_ids
 
 from lora_lab import (LoraConfig, LoRAEmbedding, add_adapter, apply_lora, apply_qlora, count_parameters,
                       delete_adapter, disable_adapter, load_adapter, lora_layers, merge_and_unload, merge_lora,
@@ -24,16 +24,12 @@ TARGETS = ["embed_tokens", "q_proj"]
 @pytest.fixture(scope="module")
 def base():
     """A tiny LlamaForCausalLM built locally (no download), untied, in eval mode."""
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(transformers, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return token_ids()
 
 
 def ours_and_theirs(base, **kwargs):

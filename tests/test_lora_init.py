@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from peft_twin import logits, tiny_llama, token_ids
 from model_state import assert_unchanged, snapshot
 
 from lora_lab import LoftQConfig, add_adapter, apply_lora, count_parameters, lora_layers, merge_lora, unmerge_lora
@@ -26,20 +27,13 @@ TARGETS = ["q_proj", "v_proj", "up_proj"]  # up_proj is (48, 32): a non-square w
 
 @pytest.fixture(scope="module")
 def base():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(transformers)
 
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return token_ids()
 
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def both(base, seed=0, **kwargs):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from model_state import assert_unchanged, snapshot
-from peft_twin import PREFIX, grads, peft_twin, randomize
+from peft_twin import PREFIX, grads, logits, peft_twin, randomize, token_ids
 
 from lora_lab import (LoraConfig, ModulesToSaveWrapper, add_adapter, apply_lora, apply_qlora, count_parameters,
                       delete_adapter, disable_adapter, load_adapter, merge_and_unload, save_adapter, set_adapter,
@@ -32,12 +32,8 @@ def base():
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return token_ids()
 
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def ours_and_theirs(base, **kwargs):
