@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 # Public API: each module adds its own line below.
 from .lora import LoraConfig, LoRALinear, LoRALayer, ParameterCount, count_parameters  # noqa: F401
 from .dora import MagnitudeVector  # noqa: F401
+from .lora_embedding import LoRAEmbedding  # noqa: F401
+from .modules_to_save import ModulesToSaveWrapper  # noqa: F401
+from .lora_init import LoftQConfig  # noqa: F401
+from .loraplus import create_loraplus_optimizer, loraplus_param_groups  # noqa: F401
 from .inject import apply_lora, lora_layers, merge_lora, unload, unmerge_lora  # noqa: F401
 from .multi_adapter import add_adapter, delete_adapter, disable_adapter, set_adapter  # noqa: F401
 from .adapter import load_adapter, save_adapter  # noqa: F401

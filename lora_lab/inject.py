@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 
 import torch
 from torch import nn
 
 from .lora import ALL_LINEAR, DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_flag, check_adapter_name, check_rank, \
-    float_weight, is_linear_like
+    float_weight, is_conv1d, is_linear_like, linear_dims
+from .lora_embedding import LoRAEmbedding
+from .modules_to_save import modules_to_save_names, saved_module_wrappers, wrap_modules_to_save
+from .lora_init import changes_base
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -38,16 +42,21 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT
     """
     check_adapter_name(adapter_name)
     names = lora_targets(model, config)
+    saved = modules_to_save_names(model, config.modules_to_save or (), exclude=tuple(f"{n}." for n in names))
     grad_flags = {p: p.requires_grad for p in model.parameters()}
+    weights = base_weights_to_restore(model, names, config.init_lora_weights)
     try:
-        wrappers = {name: LoRALinear(model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
-                                     config.use_rslora, adapter_name, use_dora=config.use_dora) for name in names}
+        wrappers = {name: wrap_layer(model.get_submodule(name), config, adapter_name) for name in names}
     except Exception:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
+        for p, data in weights.items():
+            p.data = data  # PiSSA/OLoRA/LoftQ replaced some base weights before the failure: put them back
         raise
+    _warn_fan_in_fan_out(config, wrappers)
     for name, wrapper in wrappers.items():
         set_submodule(model, name, wrapper)
+    wrap_modules_to_save(model, saved, adapter_name)
     mark_trainable(model, config.bias)
     model.peft_config, model.active_adapter = {adapter_name: config}, adapter_name
     return model
@@ -67,6 +76,12 @@ def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(f"The model already has LoRA layers ({', '.join(existing)}); call unload(model) first "
                          "or load the adapter with load_adapter.")
     names = _matched_names(model, config.target_modules)
+    if config.modules_to_save:  # PEFT never puts LoRA on (or inside) a module it trains in full
+        saved = modules_to_save_names(model, config.modules_to_save)
+        names = [n for n in names if not any(n == m or n.startswith(f"{m}.") for m in saved)]
+        if not names:
+            raise ValueError(f"Every module target_modules={config.target_modules!r} matched is in modules_to_save; "
+                             "LoRA needs at least one other target.")
     unused = set(names) & _unused_linears(model)
     if unused:
         raise TypeError(f"target_modules matched {sorted(unused)}, the out_proj of an nn.MultiheadAttention, which "
@@ -74,11 +89,57 @@ def lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                         "be used (PEFT wraps it and it stays untrained). Leave it out of target_modules.")
     for name in names:
         module = model.get_submodule(name)
-        if not is_linear_like(module):
+        if not is_linear_like(module) and not isinstance(module, nn.Embedding):
             raise TypeError(f"target_modules matched {name!r}, a {type(module).__name__}, but LoRA wraps only "
-                            "linear layers; narrow target_modules to the nn.Linear names.")
-        check_rank(config.r, module.in_features, module.out_features, where=f" for {name!r}")
+                            "linear layers (nn.Linear, transformers' Conv1D) and nn.Embedding; narrow target_modules.")
+        check_rank(config.r, *layer_dims(module), where=f" for {name!r}")
     return names
+
+
+def wrap_layer(module: nn.Module, config: LoraConfig, adapter_name: str) -> LoRALinear:
+    """The LoRA wrapper for one target: `LoRAEmbedding` for an ``nn.Embedding``, `LoRALinear` otherwise."""
+    kind = LoRAEmbedding if isinstance(module, nn.Embedding) else LoRALinear
+    return kind(module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, adapter_name,
+                use_dora=config.use_dora, init_lora_weights=config.init_lora_weights, loftq_config=config.loftq_config)
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a target: ``(num_embeddings, embedding_dim)`` for an embedding, see `linear_dims`."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return (module.in_features, module.out_features) if isinstance(module, LoRALinear) else linear_dims(module)
+
+
+def _warn_fan_in_fan_out(config: LoraConfig, wrappers: dict[str, LoRALinear]) -> None:
+    """PEFT's rule: a Conv1D target needs ``fan_in_fan_out=True`` and an nn.Linear ``False``; it warns and sets it."""
+    conv = [n for n, w in wrappers.items() if is_conv1d(w.base_layer)]
+    if conv and not config.fan_in_fan_out:
+        warnings.warn(f"fan_in_fan_out is set to False but the target modules ({conv[0]!r}, ...) are transformers' "
+                      "Conv1D, which stores its weight (in, out). Setting fan_in_fan_out to True.", stacklevel=3)
+        config.fan_in_fan_out = True
+    elif config.fan_in_fan_out and len(conv) < len(wrappers):
+        warnings.warn("fan_in_fan_out is set to True but some target modules are nn.Linear (weight (out, in)); "
+                      "each layer follows its own weight's layout.", stacklevel=3)
+
+
+def base_weights_to_restore(model: nn.Module, names: list[str], init_lora_weights) -> dict:
+    """For an init that rewrites base weights (`lora_init.changes_base`): ``{weight: its tensor now}``, else {}.
+
+    Refuses a weight shared with another module (tied embeddings), which the rewrite would change too.
+    """
+    if not changes_base(init_lora_weights):
+        return {}
+    weights = {name: getattr(model.get_submodule(name), "weight", None) for name in names}
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, weight in weights.items():
+        others = [n for n in owners.get(id(weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} rewrites {name!r}'s weight, which is shared "
+                             f"with {others[0]!r} (tied embeddings), so it would change that module too. Untie "
+                             "it or leave it out of target_modules.")
+    return {w: w.data for w in weights.values() if isinstance(w, torch.Tensor)}
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -128,6 +189,8 @@ def unload(model: nn.Module) -> nn.Module:
         if name == "":
             return layer.base_layer
         set_submodule(model, name, layer.base_layer)
+    for name, wrapper in saved_module_wrappers(model).items():  # PEFT keeps the active (trained) copy
+        set_submodule(model, name, wrapper.active_module)
     forget_adapters(model)
     return model
 
@@ -139,7 +202,7 @@ def output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
     (``_maybe_include_all_linear_layers``). That is ``lm_head`` for a ``*ForCausalLM`` and None for ``BertModel``
     and ``*ForSequenceClassification``, whose ``classifier``/``score`` is then a target like any linear, as
     in PEFT without a ``task_type`` (PEFT with ``task_type="SEQ_CLS"`` trains the head fully instead, through
-    ``modules_to_save``, which lora_lab does not have).
+    ``modules_to_save``: pass ``LoraConfig(modules_to_save=["classifier"])`` for the same model here).
 
     Any other module (PEFT leaves every linear in): a layer its ``get_output_embeddings()`` returns, any layer
     named ``lm_head``, and the last linear if it maps back to the vocabulary: its weight is an ``nn.Embedding``'s
@@ -163,7 +226,7 @@ def output_head_names(model: nn.Module, linear_names: list[str]) -> set[str]:
     if linear_names and tokens is not None:
         last = model.get_submodule(linear_names[-1])
         tied = any(getattr(last, "weight", None) is e.weight for e in embeddings)
-        if tied or last.out_features == tokens.num_embeddings:
+        if tied or linear_dims(last)[1] == tokens.num_embeddings:
             heads.add(linear_names[-1])
     return heads
 
@@ -214,6 +277,8 @@ def mark_trainable(model: nn.Module, bias: str) -> None:
             layer.lora_B[layer.active_adapter].requires_grad_(True)
         if layer.active_adapter in layer.lora_magnitude_vector:  # DoRA's magnitude m trains too
             layer.lora_magnitude_vector[layer.active_adapter].requires_grad_(True)
+    for wrapper in saved_module_wrappers(model).values():
+        wrapper.set_adapter(wrapper.active_adapter)
     if bias == "all":
         for name, p in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -237,10 +302,18 @@ def forget_adapters(model: nn.Module) -> None:
             delattr(model, attr)
 
 
-def targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], targets) -> list[str]:
-    """The names ``targets`` selects, read on the model as it was before its layers were wrapped."""
-    inside = tuple(f"{name}." for name in wrapped)
-    names = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+def targets_before_wrapping(model: nn.Module, wrapped: dict[str, LoRALinear], targets,
+                            modules_to_save=None) -> list[str]:
+    """The names ``targets`` selects, read on the model as it was before its layers were wrapped.
+
+    Modules trained in full (already wrapped, or named in ``modules_to_save``) are never LoRA targets, as in PEFT.
+    """
+    saved = [*saved_module_wrappers(model)]
+    if modules_to_save:
+        wrapped_inside = tuple(f"{name}." for name in [*wrapped, *saved])
+        saved += modules_to_save_names(model, modules_to_save, exclude=wrapped_inside)
+    inside = tuple(f"{name}." for name in [*wrapped, *saved])
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inside) and n not in saved]
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
         return [n for n in names if target_matches(targets, n)]
     linear = [n for n in names if n in wrapped or is_linear_like(model.get_submodule(n))]
@@ -270,7 +343,7 @@ def check_mergeable(model: nn.Module, layers: dict[str, LoRALinear], safe_merge:
                              "merging would change that module too. Untie it before apply_lora (give it its own "
                              "nn.Parameter(weight.detach().clone())) or leave it out of target_modules.")
         adapter = layer.active_adapter
-        factors = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+        factors = layer.factors(adapter)
         factors += tuple(m.weight for n, m in layer.lora_magnitude_vector.items() if n == adapter)  # DoRA's m
         if not weight.is_meta and not all(torch.isfinite(f).all() for f in factors):
             raise ValueError(f"Merging LoRA layer {name!r} would write NaN or inf into its base weight (adapter "

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import dora
+from . import lora_init
+from .lora_init import LoftQConfig
 
 ALL_LINEAR = "all-linear"
 DEFAULT_ADAPTER = "default"  # PEFT's name for the first adapter
@@ -42,6 +45,14 @@ class LoraConfig:
             wrapped layers train).
         use_dora: Weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353): a trained magnitude per output
             feature times the normalized ``W0 + s B A``, see `lora_lab.dora`.
+        fan_in_fan_out: True for a layer that stores its weight (in, out), transformers' ``Conv1D`` in GPT-2;
+            as in PEFT, `apply_lora` sets it (with a warning) when the targets are ``Conv1D`` layers.
+        modules_to_save: Names (suffixes, as in ``target_modules``) of modules trained fully and saved with
+            the adapter, e.g. ``["classifier"]`` or ``["lm_head"]`` (`lora_lab.modules_to_save`).
+        init_lora_weights: How the factors start (PEFT's name and default True), see `lora_lab.lora_init`:
+            True, False, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_N"``, ``"olora"`` or ``"loftq"``. The last
+            three rewrite the base weights (so that the model's output is unchanged at the start).
+        loftq_config: `LoftQConfig` (stored as a dict, as in PEFT) for ``init_lora_weights="loftq"``; else empty.
     """
 
     r: int = 8
@@ -51,15 +62,38 @@ class LoraConfig:
     use_rslora: bool = False
     bias: str = "none"
     use_dora: bool = False  # PEFT's default: plain LoRA
+    fan_in_fan_out: bool = False  # PEFT's default; Conv1D targets need True
+    modules_to_save: tuple[str, ...] | None = None  # PEFT's default: nothing besides the adapters trains
+    init_lora_weights: bool | str = True  # PEFT's default: A Kaiming-uniform, B = 0
+    loftq_config: LoftQConfig | dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_rank(self.r)
+        lora_init.check_init_lora_weights(self.init_lora_weights)
+        self.loftq_config = lora_init.check_loftq_config(self.init_lora_weights, self.loftq_config)
         _check_dropout(self.lora_dropout)
         _check_alpha(self.lora_alpha)
         check_flag(self.use_rslora, "use_rslora")
         check_flag(self.use_dora, "use_dora")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
+        check_flag(self.fan_in_fan_out, "fan_in_fan_out")
+        if self.use_dora and self.fan_in_fan_out:
+            raise ValueError("use_dora=True with fan_in_fan_out=True (DoRA on Conv1D) is not implemented in lora_lab.")
+        if self.use_dora and lora_init.changes_base(self.init_lora_weights):
+            raise ValueError(f"use_dora=True with init_lora_weights={self.init_lora_weights!r} is not implemented in "
+                             "lora_lab; DoRA starts from init_lora_weights=True, False or 'gaussian'.")
+        saved = self.modules_to_save
+        if saved is not None:
+            if isinstance(saved, str) or not isinstance(saved, (list, tuple)) or not saved or not all(
+                    isinstance(m, str) and m for m in saved):
+                raise ValueError(f"modules_to_save must be None or a non-empty list of module names such as "
+                                 f"['classifier'], got {saved!r}.")
+            self.modules_to_save = tuple(saved)
+            if self.bias != "none":
+                raise ValueError("modules_to_save with bias='all' or 'lora_only' is not implemented in lora_lab (which "
+                                 "copy's bias would train?); use bias='none', or put the bias's module in "
+                                 "modules_to_save.")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -94,7 +128,8 @@ class LoRALinear(nn.Module):
     ``r[name]``, ``lora_alpha[name]`` and ``scaling[name]``: PEFT's layout, so ``layer.lora_A["default"]`` is
     the same expression in both. One adapter is active at a time (`set_adapter`); the others are kept,
     frozen, and cost nothing in the forward pass. ``A`` starts Kaiming-uniform (``a=sqrt(5)``, as loralib and
-    PEFT do; the paper's text says Gaussian), ``B`` starts at zero.
+    PEFT do; the paper's text says Gaussian), ``B`` starts at zero; ``init_lora_weights`` picks another start
+    (`lora_lab.lora_init`: Gaussian, PiSSA, OLoRA, LoftQ).
 
     # Note: why lora_B starts at zero
     With ``B = 0`` the update ``B A`` is zero, so the wrapped model computes exactly what the pretrained one
@@ -113,15 +148,17 @@ class LoRALinear(nn.Module):
         adapter_name: The first adapter's name, which is also the active one.
         use_dora: Make the first adapter a DoRA one (`lora_lab.dora`): ``lora_magnitude_vector[name].weight``
             holds its magnitude ``m`` (out,).
+        init_lora_weights, loftq_config: How the factors start, as in `LoraConfig` (see `reset_lora_parameters`).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
                  lora_dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = DEFAULT_ADAPTER,
-                 use_dora: bool = False):
+                 use_dora: bool = False, *, init_lora_weights: bool | str = True, loftq_config: dict | None = None):
         super().__init__()
         _check_base(base_layer)
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)  # weight stored (in, out): see `get_delta_weight`
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
@@ -132,14 +169,18 @@ class LoRALinear(nn.Module):
         self._dora_norms: dict[str, torch.Tensor] = {}  # while merged: ||W0 + s B A||_c, which unmerge needs
         self.merged_adapters: list[str] = []
         self.disable_adapters = False  # PEFT's flag: True computes base_layer(x) alone (see `disable_adapter`)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora=use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_config,
+                          use_dora=use_dora)
         self.active_adapter = adapter_name
         base_layer.requires_grad_(False)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     use_rslora: bool = False, *, use_dora: bool = False) -> None:
+                     use_rslora: bool = False, init_lora_weights: bool | str = True,
+                     loftq_config: dict | None = None, *, use_dora: bool = False) -> None:
         """Add an adapter called ``adapter_name`` (PEFT's method name); everything is checked first."""
         check_adapter_name(adapter_name)
+        lora_init.check_init_lora_weights(init_lora_weights)
+        loftq_config = lora_init.check_loftq_config(init_lora_weights, loftq_config or {})
         if adapter_name in self.lora_A:
             raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
                              "delete_adapter it first.")
@@ -149,6 +190,12 @@ class LoRALinear(nn.Module):
         check_flag(use_rslora, "use_rslora")
         check_flag(use_dora, "use_dora")
         factory = {"dtype": _adapter_dtype(self.base_layer), "device": _device(self.base_layer)}
+        if lora_init.changes_base(init_lora_weights) and (use_dora or self.fan_in_fan_out):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} with DoRA or on a Conv1D layer is not "
+                             "implemented in lora_lab; use init_lora_weights=True there.")
+        if use_dora and self.fan_in_fan_out:
+            raise ValueError("DoRA (use_dora=True) on a Conv1D layer (fan_in_fan_out) is not implemented in lora_lab; "
+                             "target nn.Linear layers with a DoRA config.")
         if use_dora and self.merged_adapters:
             raise ValueError(f"Adapter {self.merged_adapters[0]!r} is merged into this layer, and DoRA's magnitude "
                              "starts from the unmerged W0; unmerge before adding a DoRA adapter.")
@@ -159,8 +206,14 @@ class LoRALinear(nn.Module):
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = _scaling(lora_alpha, r, use_rslora)
-        self.reset_lora_parameters(adapter_name)
         self.use_dora[adapter_name] = use_dora
+        try:
+            self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
+        except Exception:  # e.g. PiSSA on a NaN or 4-bit base: the layer keeps only the adapters it had
+            for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.use_rslora,
+                          self.scaling, self.use_dora):
+                del table[adapter_name]
+            raise
         if use_dora:  # m = ||W0 + s B A||_c with the initialized factors (||W0||_c at B = 0), as PEFT computes it
             with torch.no_grad():
                 lora_weight = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight  # (out, in)
@@ -171,11 +224,33 @@ class LoRALinear(nn.Module):
                 if adapter_name in table:
                     table[adapter_name].requires_grad_(False)
 
-    def reset_lora_parameters(self, adapter_name: str | None = None) -> None:
-        """A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (see `# Note: why lora_B starts at zero`)."""
+    def reset_lora_parameters(self, adapter_name: str | None = None, init_lora_weights: bool | str = True,
+                              loftq_config: dict | None = None) -> None:
+        """Initialize an adapter's factors as ``init_lora_weights`` says (PEFT's method; `lora_lab.lora_init`).
+
+        True: A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (see `# Note: why lora_B starts at zero`); False: both
+        random; ``"gaussian"``: A ~ N(0, 1/r^2), B = 0. ``"pissa"``, ``"pissa_niter_N"``, ``"olora"`` and
+        ``"loftq"`` also REPLACE ``base_layer.weight`` (a new tensor, the old one is not written to): by the
+        residual ``W0 - s B A``, or for LoftQ by ``dequant(Q_T)`` in W0's dtype (PEFT's LoftQ on a
+        full-precision model); they need a floating-point base (on a 4-bit one, use `lora_lab.apply_qlora`).
+        """
         name = self._name(adapter_name)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+        if not lora_init.changes_base(init_lora_weights):
+            lora_init.reset_factors(self.lora_A[name], self.lora_B[name], init_lora_weights, self.r[name])
+            return
+        weight, r, s = getattr(self.base_layer, "weight", None), self.r[name], self.scaling[name]
+        if init_lora_weights == "loftq":
+            iters = lora_init.check_loftq_config("loftq", loftq_config or {})["loftq_iter"]
+            A, B, q = lora_init.loftq_init(weight, r, s, iters)
+            new_weight = q.dequantize(weight.dtype)
+        elif init_lora_weights == "olora":
+            A, B, new_weight = lora_init.olora_init(weight, r, s)
+        else:
+            A, B, new_weight = lora_init.pissa_init(weight, r, s, lora_init.pissa_niter(init_lora_weights))
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(A)
+            self.lora_B[name].weight.copy_(B)
+        weight.data = new_weight  # `apply_lora` keeps the old tensor to put back if another layer fails
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one the forward pass uses; its factors train, every other one is frozen.
@@ -272,6 +347,7 @@ class LoRALinear(nn.Module):
         For a DoRA adapter it is the whole change DoRA makes, ``W' - W0 = m / ||W0 + s B A||_c (W0 + s B A) - W0``
         (PEFT's method returns ``s B A`` there too), so that ``W0 + get_delta_weight()`` is the weight the layer
         applies; it reads ``W0``, so it needs the layer unmerged.
+        For a ``Conv1D`` base (``fan_in_fan_out``) the update is transposed to its weight's (in, out) layout.
 
         Args:
             adapter: The adapter's name; None means the active one.
@@ -292,9 +368,14 @@ class LoRALinear(nn.Module):
         return delta.to(dtype)
 
     def _lora_delta(self, name: str) -> torch.Tensor:
-        """``scaling * B @ A`` (out, in) in float32."""
-        delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()  # (out, r) @ (r, in), in fp32
-        return delta * self.scaling[name]
+        """``scaling * B @ A`` in float32, in the base weight's layout: (out, in), or (in, out) for a Conv1D."""
+        lora_A, lora_B = self.factors(name)
+        delta = (lora_B.float() @ lora_A.float()) * self.scaling[name]  # (out, r) @ (r, in), in fp32
+        return delta.T if self.fan_in_fan_out else delta  # DoRA is refused on Conv1D, so it always sees (out, in)
+
+    def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's ``(A, B)``, A (r, in) and B (out, r), whatever the layer stores them in."""
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active adapter into the frozen weight: ``W0 <- W0 + scaling * B A`` (no cost at inference).
@@ -463,10 +544,23 @@ def _check_dropout(p) -> None:
 def is_linear_like(module) -> bool:
     if isinstance(module, LoRALinear):
         return False
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     dims = (getattr(module, "in_features", None), getattr(module, "out_features", None))
     return isinstance(module, nn.Module) and all(isinstance(d, int) and d > 0 for d in dims)
+
+
+def is_conv1d(module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's linear, weight (in, out)), without importing transformers."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def linear_dims(module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like module; a ``Conv1D`` has them as its weight's shape."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
 
 
 def _check_base(base) -> None:

@@ -15,8 +15,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .inject import lora_layers, set_submodule, targets_before_wrapping
+from .inject import layer_dims, lora_layers, set_submodule, targets_before_wrapping, wrap_layer
 from .lora import LoraConfig, LoRALinear, check_adapter_name, check_rank, is_linear_like
+from .modules_to_save import modules_to_save_names, saved_module_wrappers, wrap_modules_to_save
+from .lora_init import changes_base
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
@@ -41,29 +43,39 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         raise TypeError(f"config must be a lora_lab.LoraConfig, got {type(config).__name__}.")
     if adapter_name in configs:
         raise ValueError(f"The model already has an adapter named {adapter_name!r}; adapters: {list(configs)}.")
+    if changes_base(config.init_lora_weights) or any(changes_base(c.init_lora_weights) for c in configs.values()):
+        raise ValueError("PiSSA, OLoRA and LoftQ rewrite the base weights, so they cannot share a model with other "
+                         "adapters (the others were trained on the old weights, PEFT warns likewise). Apply them to "
+                         "a model without LoRA, or save_adapter(..., path_initial_model_for_weight_conversion=...) "
+                         "to turn one into a plain LoRA adapter first.")
     first = next(iter(configs.values()))
     if config.bias != first.bias:
         raise ValueError(f"The new adapter has bias={config.bias!r}, the model's adapters bias={first.bias!r}; "
                          "biases are shared by every adapter, so they must agree.")
     wrapped = lora_layers(model)
-    names = targets_before_wrapping(model, wrapped, config.target_modules)
+    names = targets_before_wrapping(model, wrapped, config.target_modules, config.modules_to_save)
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of this model.")
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, LoRALinear) and not is_linear_like(module):
-            raise TypeError(f"target_modules matched {name!r}, a {type(module).__name__}; LoRA wraps only linear "
-                            "layers. Narrow target_modules.")
-        check_rank(config.r, module.in_features, module.out_features, where=f" for {name!r}")
+        if not isinstance(module, (LoRALinear, nn.Embedding)) and not is_linear_like(module):
+            raise TypeError(f"target_modules matched {name!r}, a {type(module).__name__}; LoRA wraps only "
+                            "linear layers (nn.Linear, Conv1D) and nn.Embedding. Narrow target_modules.")
+        check_rank(config.r, *layer_dims(module), where=f" for {name!r}")
+    saved = _saved_names(model, config, names)
     options = (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
-            module.update_layer(adapter_name, *options, use_dora=config.use_dora)
+            module.update_layer(adapter_name, *options, init_lora_weights=config.init_lora_weights,
+                                use_dora=config.use_dora)
         else:
-            layer = LoRALinear(module, *options, adapter_name=adapter_name, use_dora=config.use_dora)
+            layer = wrap_layer(module, config, adapter_name)
             layer.set_adapter(model.active_adapter)  # pass-through until this adapter is set
             set_submodule(model, name, layer)
+    wrap_modules_to_save(model, saved, adapter_name)
+    for wrapper in saved_module_wrappers(model).values():
+        wrapper.set_adapter(model.active_adapter)  # a new copy stays frozen until its adapter is set
     model.peft_config[adapter_name] = config
     return model
 
@@ -82,6 +94,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(f"LoRA layer {merged[0]!r} is merged; call unmerge_lora(model) before switching adapters.")
     for layer in layers.values():
         layer.set_adapter(adapter_name)
+    for wrapper in saved_module_wrappers(model).values():
+        wrapper.set_adapter(adapter_name)
     model.active_adapter = adapter_name
     return model
 
@@ -110,6 +124,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             set_submodule(model, name, layer.base_layer)
         else:
             layer.delete_adapter(adapter_name)
+    for name, wrapper in saved_module_wrappers(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            if len(wrapper.modules_to_save) == 1:
+                set_submodule(model, name, wrapper.original_module)
+            else:
+                wrapper.delete_adapter(adapter_name)
     del configs[adapter_name]
     return model
 
@@ -128,6 +148,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         raise ValueError(f"LoRA layer {merged[0]!r} is merged, so its update is part of the base weight; call "
                          "unmerge_lora(model) first.")
+    layers = {**layers, **saved_module_wrappers(model)}  # a module trained in full: its original is used
     before = {name: layer.disable_adapters for name, layer in layers.items()}
     for layer in layers.values():
         layer.disable_adapters = True
@@ -136,6 +157,20 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for name, layer in layers.items():
             layer.disable_adapters = before[name]
+
+
+def _saved_names(model: nn.Module, config: LoraConfig, lora_names: list[str]) -> list[str]:
+    """The modules the new adapter trains in full: checked to be neither LoRA layers nor inside one."""
+    if not config.modules_to_save:
+        return []
+    wrapped = [*lora_layers(model), *lora_names]
+    saved = modules_to_save_names(model, config.modules_to_save, exclude=tuple(f"{n}." for n in wrapped))
+    inside = tuple(f"{n}." for n in saved_module_wrappers(model))
+    bad = [n for n in saved if n in wrapped or n.startswith(inside)]
+    if bad:
+        raise ValueError(f"modules_to_save selects {bad[0]!r}, which is a LoRA layer or inside a module another "
+                         "adapter trains in full; name the module itself (e.g. 'classifier').")
+    return saved
 
 
 def _configs(model: nn.Module) -> dict[str, LoraConfig]:

@@ -19,7 +19,9 @@ from torch import nn
 from ._io import DTYPE_CODES, check_finite, read_header, read_safetensors
 from .inject import check_mergeable, forget_adapters, lora_layers, lora_targets, mark_trainable, output_head_names, \
     set_submodule, unload
+from . import lora_init
 from .lora import DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_adapter_name
+from .lora_init import changes_base
 from .nf4 import FLOAT_DTYPES, QuantizedWeight, dequantize, quantize
 
 BACKENDS = ("torch", "bitsandbytes")
@@ -141,12 +143,17 @@ class QLoRALinear(LoRALinear):
     def __init__(self, base_layer: nn.Module, r: int = LoraConfig.r, lora_alpha: float = LoraConfig.lora_alpha,
                  lora_dropout: float = 0.0, use_rslora: bool = False, *, blocksize: int = 64, double_quant: bool = True,
                  quant_type: str = "nf4", compute_dtype: torch.dtype | None = None, backend: str = "torch",
-                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False):
+                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False, init_lora_weights: bool | str = True):
+        if changes_base(init_lora_weights):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} decomposes the full-precision weight, which a "
+                             "4-bit layer no longer has; use apply_qlora(model, config), which decomposes before "
+                             "quantizing.")
         if isinstance(base_layer, nn.Linear):
             base_layer = NF4Linear.from_linear(base_layer, blocksize, double_quant, quant_type, compute_dtype, backend)
         if not isinstance(base_layer, NF4Linear):
             raise TypeError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base_layer).__name__}.")
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, adapter_name, use_dora)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, adapter_name, use_dora,
+                         init_lora_weights=init_lora_weights)
 
 
 def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, double_quant: bool = True,
@@ -161,6 +168,9 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
         The same model object.
     """
     check_adapter_name(adapter_name)
+    if config.modules_to_save:
+        raise ValueError("apply_qlora does not implement modules_to_save; train those modules with apply_lora, or "
+                         "leave modules_to_save out.")
     targets = set(lora_targets(model, config))
     linears = [n for n, m in model.named_modules() if n and type(m) is nn.Linear]
     heads = output_head_names(model, linears)
@@ -174,15 +184,43 @@ def apply_qlora(model: nn.Module, config: LoraConfig, *, blocksize: int = 64, do
     for name in linears:
         if name in heads:
             continue
+        if name in targets and changes_base(config.init_lora_weights):
+            new[name] = _decomposed_qlora_layer(model.get_submodule(name), config, adapter_name, options)
+            continue
         nf4_layer = NF4Linear.from_linear(model.get_submodule(name), **options)
         new[name] = (QLoRALinear(nf4_layer, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                                 adapter_name=adapter_name, use_dora=config.use_dora)
+                                 adapter_name=adapter_name, use_dora=config.use_dora,
+                                 init_lora_weights=config.init_lora_weights)
                      if name in targets else nf4_layer)
     for name, module in new.items():
         set_submodule(model, name, module)
     mark_trainable(model, config.bias)
     model.peft_config, model.active_adapter = {adapter_name: config}, adapter_name
     return model
+
+
+def _decomposed_qlora_layer(linear: nn.Linear, config: LoraConfig, adapter_name: str, options: dict) -> QLoRALinear:
+    """PiSSA/OLoRA/LoftQ on the full-precision weight, then 4 bits for what the base keeps (`lora_lab.lora_init`).
+
+    PiSSA and OLoRA quantize the residual ``W0 - s B A`` (QPiSSA, Meng et al. 2024 §4.3; PEFT refuses PiSSA on a
+    4-bit model and runs OLoRA on the dequantized weight, since there the full-precision weight is gone); LoftQ
+    alternates quantizing and fitting (`lora_init.loftq_init`) in the layer's own 4-bit format.
+    """
+    fmt = dict(blocksize=options["blocksize"], double_quant=options["double_quant"], quant_type=options["quant_type"])
+    init, r, s = config.init_lora_weights, config.r, config.scaling
+    if init == "loftq":
+        A, B, q = lora_init.loftq_init(linear.weight, r, s, config.loftq_config["loftq_iter"], **fmt)
+    else:
+        A, B, residual = (lora_init.olora_init(linear.weight, r, s) if init == "olora" else
+                          lora_init.pissa_init(linear.weight, r, s, lora_init.pissa_niter(init)))
+        q = quantize(residual, fmt["quant_type"], fmt["blocksize"], fmt["double_quant"])
+    base = NF4Linear(linear.in_features, linear.out_features, linear.bias, q, options["compute_dtype"],
+                     options["backend"])
+    layer = QLoRALinear(base, r, config.lora_alpha, config.lora_dropout, config.use_rslora, adapter_name=adapter_name)
+    with torch.no_grad():
+        layer.lora_A[adapter_name].weight.copy_(A)
+        layer.lora_B[adapter_name].weight.copy_(B)
+    return layer
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .inject import apply_lora
 from .lora import LoraConfig
+from .loraplus import loraplus_param_groups
 from .memory import (MemoryBreakdown, SavedTensors, count_saved, gradient_bytes, optimizer_bytes, peak_rss_bytes,
                      weight_bytes)
 from .model import loss_and_logits, resolve_device
@@ -84,7 +85,7 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
              eval_every: int | None = 50, eval_examples: int | None = None, callback=None,
              callback_every: int = 1, device=None, strict: bool = False, progress: bool = False,
              measure_memory: bool = False, gradient_checkpointing: bool = False, weight_decay: float = 0.0,
-             qlora_options: dict | None = None) -> History:
+             qlora_options: dict | None = None, loraplus_lr_ratio: float | None = None) -> History:
     """Fine-tune ``model`` on ``task`` in place and return the `History`.
 
     Args:
@@ -108,6 +109,8 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
             are slower: they run hooks).
         gradient_checkpointing: recompute layer activations in backward (see `checkpoint_layers`).
         qlora_options: keyword arguments for ``apply_qlora`` (``blocksize``, ``double_quant``, ...).
+        loraplus_lr_ratio: LoRA+ (`lora_lab.loraplus`): ``lora_B`` and 1-D parameters train at ``lr`` times this,
+            the rest at ``lr``; ``weight_decay`` then applies as PEFT's ``loraplus_weight_decay``. None: one rate.
 
     Returns:
         The `History`. A loss that turns NaN/inf stops training at that step (before its update) with a
@@ -119,12 +122,13 @@ def finetune(model: nn.Module, task, *, method: str | None = "lora", config: Lor
     """
     lr = check_finetune_args(model, task, method=method, config=config, steps=steps, lr=lr, batch_size=batch_size,
                              eval_every=eval_every, callback_every=callback_every, seed=seed,
-                             eval_examples=eval_examples, weight_decay=weight_decay)
+                             eval_examples=eval_examples, weight_decay=weight_decay,
+                             loraplus_lr_ratio=loraplus_lr_ratio)
     device = resolve_device(device, strict)
     torch.manual_seed(seed)  # before the adapters exist: lora_A's init is part of the run
     prepare_model(model, method, config, qlora_options)
     model.to(device).train()
-    optimizer = make_optimizer(model, "adamw", lr, weight_decay)
+    optimizer = make_optimizer(model, "adamw", lr, weight_decay, loraplus_lr_ratio)
     history = History(method=method, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     evaluate = _evaluator(task, model, history, eval_examples)
@@ -164,12 +168,17 @@ def prepare_model(model: nn.Module, method: str | None, config: LoraConfig | Non
     return model
 
 
-def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW (two moments per trainable parameter) or plain SGD (no state) over the trainable parameters."""
+def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                   loraplus_lr_ratio: float | None = None) -> torch.optim.Optimizer:
+    """AdamW (two moments per trainable parameter) or plain SGD (no state) over the trainable parameters.
+
+    With ``loraplus_lr_ratio`` the parameters come in LoRA+'s groups (`loraplus_param_groups`).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters; pick method='full', 'lora' or 'qlora'.")
+    if loraplus_lr_ratio is not None:
+        params = loraplus_param_groups(model, lr, loraplus_lr_ratio, loraplus_weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

@@ -19,10 +19,11 @@ DEFAULT_LR = {"full": 1e-3, "lora": 5e-3, "qlora": 5e-3, None: 1e-3}
 
 
 def check_finetune_args(model, task, *, method, config, steps, lr, batch_size, eval_every, callback_every, seed,
-                        eval_examples, weight_decay) -> float:
+                        eval_examples, weight_decay, loraplus_lr_ratio=None) -> float:
     """Validate all of `finetune`'s arguments against the model and the task; returns the learning rate to use."""
     lr = _check_basics(model, task, method, config, steps, lr, batch_size, eval_every, callback_every)
     _check_more(model, task, seed, eval_examples, weight_decay)
+    _check_loraplus(model, method, loraplus_lr_ratio)
     _check_outputs(model, task)
     return lr
 
@@ -38,6 +39,9 @@ def _check_basics(model, task, method, config, steps, lr, batch_size, eval_every
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if config is not None and (method not in ("lora", "qlora") or not isinstance(config, LoraConfig)):
         raise ValueError("config is a LoraConfig and only applies to method='lora' or 'qlora'.")
+    if method == "qlora" and config is not None and config.modules_to_save:
+        raise ValueError("method='qlora' does not implement modules_to_save; use method='lora' to train those "
+                         "modules in full, or leave modules_to_save out.")
     for value, name in ((steps, "steps"), (batch_size, "batch_size"), (callback_every, "callback_every")):
         _positive_int(value, name)
     if eval_every is not None:
@@ -74,6 +78,19 @@ def _check_more(model, task, seed, eval_examples, weight_decay) -> None:
     if isinstance(model_vocab, int) and isinstance(task_vocab, int) and task_vocab > model_vocab:
         raise ValueError(f"The task's tokenizer has {task_vocab} token ids but the model's vocabulary only "
                          f"{model_vocab}; build the model with vocab_size >= {task_vocab}.")
+
+
+def _check_loraplus(model, method, ratio) -> None:
+    """LoRA+ needs LoRA factors: method 'lora'/'qlora', or None on a model whose lora_B trains."""
+    if ratio is None:
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+        raise ValueError(f"loraplus_lr_ratio must be a positive, finite number (the paper suggests 16), or None "
+                         f"to train A and B at one rate; got {ratio!r}.")
+    has_b = any("lora_B" in n and p.requires_grad for n, p in model.named_parameters())
+    if method == "full" or (method is None and not has_b):
+        raise ValueError("loraplus_lr_ratio sets lora_B's learning rate, and this run trains no LoRA factors; use "
+                         "method='lora' or 'qlora', or drop loraplus_lr_ratio.")
 
 
 def _check_outputs(model, task) -> None:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peft_twin import logits, tiny_llama, token_ids
 from model_state import assert_unchanged, snapshot
 
 from lora_lab import LoraConfig, apply_lora, count_parameters, lora_layers
@@ -23,15 +24,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 @pytest.fixture(scope="module")
 def base():
     """A tiny LlamaForCausalLM built locally (no download), in eval mode."""
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(transformers)
 
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return token_ids()
 
 
 def randomize(model, names=("lora_A", "lora_B"), seed=0):
@@ -43,10 +41,6 @@ def randomize(model, names=("lora_A", "lora_B"), seed=0):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     return model
 
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def assert_same_function(ours, theirs):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from peft_twin import tiny_llama
 from model_state import assert_unchanged, snapshot
 from toy_models import TinyLM
 
@@ -29,10 +30,7 @@ FP32 = dict(rtol=1e-5, atol=1e-6)
 
 @pytest.fixture(scope="module")
 def llama():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(transformers)
 
 
 def tiny():

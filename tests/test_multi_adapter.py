@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from peft_twin import logits, tiny_llama, token_ids
 from model_state import assert_unchanged, snapshot
 
 from lora_lab import (LoraConfig, add_adapter, apply_lora, count_parameters, delete_adapter, disable_adapter,
@@ -23,20 +24,13 @@ SECOND = dict(r=2, lora_alpha=16, target_modules=["q_proj", "k_proj"])  # k_proj
 
 @pytest.fixture(scope="module")
 def base():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(transformers)
 
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return token_ids()
 
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def randomize(model, seed=0):

@@ -140,7 +140,7 @@ def test_recorder_removes_every_hook_and_leaves_the_model_unchanged():
     model = apply_lora(tiny_llama(), LoraConfig(r=4))
     for layer in model.modules():  # a nonzero B, so a real step would move A
         if hasattr(layer, "lora_B"):
-            nn.init.normal_(layer.lora_B.weight)
+            nn.init.normal_(layer.lora_B["default"].weight)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     before_hooks = global_hooks()
     record_step(model, tiny_batch())
