@@ -71,8 +71,8 @@ class LoraConfig:
         check_rank(self.r)
         lora_init.check_init_lora_weights(self.init_lora_weights)
         self.loftq_config = lora_init.check_loftq_config(self.init_lora_weights, self.loftq_config)
-        _check_dropout(self.lora_dropout)
-        _check_alpha(self.lora_alpha)
+        check_dropout(self.lora_dropout)
+        check_alpha(self.lora_alpha)
         check_flag(self.use_rslora, "use_rslora")
         check_flag(self.use_dora, "use_dora")
         if self.bias not in BIAS_MODES:
@@ -115,7 +115,7 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         """The factor in front of ``B A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
-        return _scaling(self.lora_alpha, self.r, self.use_rslora)
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
 
 class LoRALinear(nn.Module):
@@ -185,11 +185,11 @@ class LoRALinear(nn.Module):
             raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
                              "delete_adapter it first.")
         check_rank(r, self.in_features, self.out_features)
-        _check_dropout(lora_dropout)
-        _check_alpha(lora_alpha)
+        check_dropout(lora_dropout)
+        check_alpha(lora_alpha)
         check_flag(use_rslora, "use_rslora")
         check_flag(use_dora, "use_dora")
-        factory = {"dtype": _adapter_dtype(self.base_layer), "device": _device(self.base_layer)}
+        factory = {"dtype": adapter_dtype(self.base_layer), "device": layer_device(self.base_layer)}
         if lora_init.changes_base(init_lora_weights) and (use_dora or self.fan_in_fan_out):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} with DoRA or on a Conv1D layer is not "
                              "implemented in lora_lab; use init_lora_weights=True there.")
@@ -205,7 +205,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.use_rslora[adapter_name] = use_rslora
-        self.scaling[adapter_name] = _scaling(lora_alpha, r, use_rslora)
+        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
         self.use_dora[adapter_name] = use_dora
         try:
             self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
@@ -505,10 +505,10 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(trainable, total)
 
 
-# ------------------------------------------ checks (inject.py uses check_rank, is_linear_like, float_weight)
+# ------------------------- checks and helpers (inject.py, lora_embedding.py and the tests use the public ones)
 
 
-def _scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
@@ -526,7 +526,7 @@ def check_adapter_name(name) -> None:
                          f"module and folder name), got {name!r}.")
 
 
-def _check_alpha(alpha) -> None:
+def check_alpha(alpha) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise ValueError(f"lora_alpha must be a positive, finite number (e.g. 16, or 2 * r), got {alpha!r}.")
 
@@ -536,7 +536,7 @@ def check_flag(value, name: str) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}; a string such as 'false' would count as on.")
 
 
-def _check_dropout(p) -> None:
+def check_dropout(p) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {p!r}.")
 
@@ -579,7 +579,7 @@ def float_weight(base: nn.Module) -> torch.Tensor:
     return weight
 
 
-def _adapter_dtype(base: nn.Module) -> torch.dtype:
+def adapter_dtype(base: nn.Module) -> torch.dtype:
     """The base weight's dtype; for a packed (quantized) weight, the layer's ``compute_dtype`` or fp32."""
     weight = getattr(base, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
@@ -588,7 +588,7 @@ def _adapter_dtype(base: nn.Module) -> torch.dtype:
     return compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32
 
 
-def _device(base: nn.Module) -> torch.device:
+def layer_device(base: nn.Module) -> torch.device:
     for tensor in list(base.parameters()) + list(base.buffers()):
         return tensor.device
     return torch.device("cpu")

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import DEFAULT_ADAPTER, LoraConfig, LoRALinear, _adapter_dtype, _check_alpha, _check_dropout, \
-    _device, _scaling, check_adapter_name, check_flag, check_rank
+from .lora import DEFAULT_ADAPTER, LoraConfig, LoRALinear, adapter_dtype, check_alpha, check_dropout, \
+    layer_device, lora_scaling, check_adapter_name, check_flag, check_rank
 
 
 class LoRAEmbedding(LoRALinear):
@@ -86,16 +86,16 @@ class LoRAEmbedding(LoRALinear):
             raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
                              "delete_adapter it first.")
         check_rank(r, self.in_features, self.out_features)
-        _check_dropout(lora_dropout)
-        _check_alpha(lora_alpha)
+        check_dropout(lora_dropout)
+        check_alpha(lora_alpha)
         check_flag(use_rslora, "use_rslora")
-        factory = {"dtype": _adapter_dtype(self.base_layer), "device": _device(self.base_layer)}
+        factory = {"dtype": adapter_dtype(self.base_layer), "device": layer_device(self.base_layer)}
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.use_rslora[adapter_name] = use_rslora
-        self.scaling[adapter_name] = _scaling(lora_alpha, r, use_rslora)
+        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
         self.use_dora[adapter_name] = False
         self.reset_lora_parameters(adapter_name)
         if getattr(self, "active_adapter", adapter_name) != adapter_name:  # a second adapter waits, frozen
