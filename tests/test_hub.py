@@ -14,6 +14,7 @@ where that is a failure; any other install failure fails.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -78,9 +79,11 @@ def hub_run(tmp_path_factory):
     hub, found = Hub(STUDENTS, proxy, spawn_timeout_s=120), {}
     try:
         hub.start()
-        summary, students = asyncio.run(asyncio.wait_for(
-            run_class(hub, [notebook], interval_s=0.5, cell_timeout_s=120,
-                      before_stop=lambda s: _cross_checks(s, found)), 240))
+        coroutine = asyncio.wait_for(run_class(hub, [notebook], interval_s=0.5, cell_timeout_s=120,
+                                               before_stop=lambda s: _cross_checks(s, found)), 240)
+        # a thread of its own: an earlier test's library (Playwright's sync API) may hold this thread's event loop
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            summary, students = pool.submit(asyncio.run, coroutine).result()
         port, seen, cmdlines = hub.port, hub.seen, hub.cmdlines
     finally:
         leftover = hub.stop()
