@@ -146,8 +146,9 @@ def test_the_callback_refuses_a_model_without_adapters(base, ids):
 
 def test_plain_qlora_s_weight_error_is_nf4_s_error_and_loftq_lowers_it(base):
     plain = ll.apply_qlora(copy.deepcopy(base), variants.variant_config("QLoRA"))
-    expected = math.sqrt(sum(quantization_error(base.get_submodule(n).weight, layer.base_layer.quant_state) ** 2
-                             for n, layer in ll.lora_layers(plain).items()))
+    layers = ll.lora_layers(plain).items()
+    expected = math.sqrt(sum(quantization_error(base.get_submodule(n).weight.detach(), m.base_layer.quant_state) ** 2
+                             for n, m in layers))
     assert variants.weight_error(plain, base) == pytest.approx(expected, rel=1e-6)
     loftq = ll.apply_qlora(copy.deepcopy(base), variants.variant_config("LoftQ"))
     assert variants.weight_error(loftq, base) < expected
