@@ -44,6 +44,7 @@ NOTEBOOKS = [
     "notebooks/04_qlora_memory.ipynb",
     "notebooks/05_memory_at_scale.ipynb",
     "notebooks/06_merge_save_share.ipynb",
+    "notebooks/08_variants_vs_quantization_error.ipynb",
 ]
 
 
@@ -150,6 +151,14 @@ def _rank_curve_explorer():
     return curve_explorer(curves)
 
 
+def _variants_error_explorer():
+    from lora_lab.variants import LogitError
+    from lora_lab.widgets.variants import error_explorer
+
+    sweep = {r: {"QLoRA": LogitError(0.13, 0.05), "LoftQ": LogitError(0.12 / r ** 0.3, 0.05 / r ** 0.5),
+                 "PiSSA": LogitError(0.13 / r ** 0.4, 0.05 / r ** 0.6)} for r in (1, 2, 4, 8, 16, 32, 64)}
+    return error_explorer(sweep, r=8)
+
 WIDGETS: list[WidgetCase] = [
     WidgetCase("04 memory_explorer (r, batch_size, seq_len)", _memory_explorer,
                lambda box: [(box.sliders["r"], 16), (box.sliders["batch_size"], 16), (box.sliders["seq_len"], 64),
@@ -174,6 +183,8 @@ WIDGETS: list[WidgetCase] = [
                lambda box: [(box.blocksize, v) for v in (64, 256, 1024, 4096, 32)]
                + [(box.quantizer, v) for v in ("fp4", "int4", "nf4")]
                + [(box.sample, v) for v in ("normal", "base model")]),
+    WidgetCase("08 error_explorer (rank slider)", _variants_error_explorer,
+               lambda box: [(box.slider, v) for v in (1, 2, 4, 8, 16, 32, 64, 4, 1, 32)]),
 ]
 
 

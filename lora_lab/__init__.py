@@ -27,6 +27,7 @@ from .memory import MemoryBreakdown  # noqa: F401
 from .train import measure  # noqa: F401
 from .estimator import Estimate, estimate  # noqa: F401
 from .timeline import MemoryEvent, StepTimeline, TimelineRecorder, record_step  # noqa: F401
+from .variants import LogitError, VariantRun, compare_training, starting_errors  # noqa: F401
 from .nf4 import (QuantizedWeight, codebook, dequantize, dequantize_nf4, dynamic_map, fp4_codebook,  # noqa: F401
                   int4_codebook, nf4_codebook, quantize, quantize_fp4, quantize_int4, quantize_nf4)
 from .qlora import (NF4Linear, QLoRALinear, RequantizationReport, apply_qlora, load_quantized,  # noqa: F401

@@ -127,3 +127,34 @@ def unmerged_weight(merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.
 def delta_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """DoRA's whole change of the weight, ``W' - W0`` (out, in), for LoRA's update ``dW = s B A``."""
     return merged_weight(weight, delta, magnitude)[0] - weight
+
+
+def magnitude_direction_change(weight0: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
+    """The DoRA paper's ΔM and ΔD (§3, Eq. 3-4) of one weight matrix between a start and a checkpoint.
+
+        ΔM = mean_n |m_t^n - m_0^n|,        ΔD = mean_n (1 - cos(V_t^n, W_0^n))
+
+    over the output features n, where ``m^n = ||W^n||`` is the norm of output n's weights and ``V^n`` their
+    direction. Any checkpoint reads the same way: a fully fine-tuned ``W_t``, LoRA's ``W0 + s B A`` and DoRA's
+    ``m V / ||V||_c`` (whose norm is ``m`` and whose direction is ``V``'s), so one function serves all three.
+    The paper's (in, out) columns are the rows of torch's (out, in) layout, as in `weight_norm`. A pure rescale
+    of each output's weights changes ΔM only; a rotation at equal norms changes ΔD only.
+
+    Args:
+        weight0: ``W_0`` (out, in), the weight training started from (for QLoRA, the dequantized base).
+        weight: ``W_t`` (out, in), the weight the layer applies at the checkpoint.
+
+    Returns:
+        ``(ΔM, ΔD)`` as floats, computed in float64.
+    """
+    if weight0.shape != weight.shape or weight0.dim() != 2:
+        raise ValueError(f"ΔM and ΔD compare two weights of one (out, in) shape, got {tuple(weight0.shape)} and "
+                         f"{tuple(weight.shape)}.")
+    w0, wt = weight0.detach().double().cpu(), weight.detach().double().cpu()
+    if not (torch.isfinite(w0).all() and torch.isfinite(wt).all()):
+        raise ValueError("ΔM and ΔD need finite weights; this checkpoint holds NaN or inf.")
+    n0, nt = torch.linalg.norm(w0, dim=1), torch.linalg.norm(wt, dim=1)  # (out,)
+    if not (n0 > 0).all() or not (nt > 0).all():
+        raise ValueError("An output feature's weights are all zero, so it has no direction; ΔD is undefined.")
+    cos = (w0 * wt).sum(dim=1) / (n0 * nt)  # (out,)
+    return float((nt - n0).abs().mean()), float((1 - cos).mean())

@@ -187,13 +187,33 @@ def loftq_init(weight: torch.Tensor, r: int, scaling: float, num_iter: int = 1, 
     target = w.clone()
     for step in range(num_iter):
         q = quantize(target.to(weight.dtype), quant_type, blocksize, double_quant)
-        error = w - dequantize(q, torch.float32)  # (out, in): what 4 bits lost
-        U, S, Vh = torch.linalg.svd(error, full_matrices=False)
-        B = U[:, :r] * torch.sqrt(S[:r] / scaling)  # (out, r)
-        A = torch.sqrt(S[:r] / scaling)[:, None] * Vh[:r]  # (r, in)
+        A, B = fit_quantization_error(w, dequantize(q, torch.float32), r, scaling)
         if step + 1 < num_iter:
             target = w - scaling * B @ A
     return A, B, q
+
+
+@torch.no_grad()
+def fit_quantization_error(weight: torch.Tensor, dequantized: torch.Tensor, r: int, scaling: float):
+    """One LoftQ fit: the factors whose ``s B A`` is the best rank-r approximation of ``W0 - dequant(Q)``.
+
+        W0 - dequant(Q) = U S V^T,   B = U_r sqrt(S_r / s),   A = sqrt(S_r / s) V_r^T
+
+    This is one step of `loftq_init`, and what PEFT's ``replace_lora_weights_loftq`` puts on an already
+    quantized layer (there without the division by ``s``: the same at ``s = 1``).
+
+    Args:
+        weight: ``W0`` (out, in). dequantized: ``dequant(Q)`` (out, in), the 4-bit base the layer computes with.
+        r: Rank. scaling: ``s``.
+
+    Returns:
+        ``(A, B)``: (r, in) and (out, r), float32.
+    """
+    error = _float32(weight, "LoftQ") - dequantized.to(torch.float32)  # (out, in): what 4 bits lost
+    U, S, Vh = torch.linalg.svd(error, full_matrices=False)
+    B = U[:, :r] * torch.sqrt(S[:r] / scaling)  # (out, r)
+    A = torch.sqrt(S[:r] / scaling)[:, None] * Vh[:r]  # (r, in)
+    return A, B
 
 
 def subtract_initial(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor):

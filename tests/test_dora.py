@@ -1,6 +1,7 @@
 """DoRA (use_dora=True): the same magnitudes, outputs, gradients, merged weights and files as PEFT's DoRA."""
 
 import copy
+import math
 import json
 from collections import OrderedDict
 
@@ -384,3 +385,50 @@ def test_a_dora_adapter_is_not_added_beside_a_merged_one():
     with pytest.raises(ValueError, match="unmerge before adding a DoRA adapter"):
         layer.update_layer("second", 2, 2, use_dora=True)
     assert_unchanged(layer, before)
+
+
+# ------------------------------------------------------------------------------ ΔM and ΔD (DoRA paper §3)
+
+def test_an_unchanged_weight_has_no_magnitude_or_direction_change():
+    w = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    assert dora.magnitude_direction_change(w, w.clone()) == pytest.approx((0.0, 0.0), abs=1e-15)
+
+
+def test_a_rescale_of_each_output_changes_magnitude_only():
+    w = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    c = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.9, 1.1], dtype=torch.float64)
+    d_m, d_d = dora.magnitude_direction_change(w, c[:, None] * w)
+    assert d_d == pytest.approx(0.0, abs=1e-12)
+    assert d_m == pytest.approx(float(((c - 1).abs() * torch.linalg.norm(w, dim=1)).mean()), rel=1e-12)
+
+
+def test_a_rotation_at_equal_norms_changes_direction_only():
+    w = torch.zeros(3, 4, dtype=torch.float64)
+    w[:, 0] = torch.tensor([1.0, 2.0, 3.0])
+    angle = 0.3
+    turned = torch.zeros_like(w)
+    turned[:, 0], turned[:, 1] = w[:, 0] * math.cos(angle), w[:, 0] * math.sin(angle)
+    d_m, d_d = dora.magnitude_direction_change(w, turned)
+    assert d_m == pytest.approx(0.0, abs=1e-12)
+    assert d_d == pytest.approx(1 - math.cos(angle), rel=1e-12)
+
+
+def test_a_dora_layer_s_magnitude_change_is_its_magnitude_vector_s():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 6), r=2, lora_alpha=4, use_dora=True)
+    m0 = layer.lora_magnitude_vector["default"].weight.detach().clone()  # ||W0||_c
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.8, 1.3, 6))
+    w0 = layer.base_layer.weight.detach()
+    d_m, _ = dora.magnitude_direction_change(w0, w0 + layer.get_delta_weight())
+    m = layer.lora_magnitude_vector["default"].weight.detach()
+    assert d_m == pytest.approx(float((m - m0).abs().double().mean()), rel=1e-5)  # fp32 norms of the merged rows
+
+
+@pytest.mark.parametrize("bad, match", [(torch.zeros(6, 4), "one \\(out, in\\) shape"),
+                                        (torch.full((6, 5), float("nan")), "NaN"),
+                                        (torch.zeros(6, 5), "all zero")])
+def test_a_bad_checkpoint_is_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        dora.magnitude_direction_change(torch.ones(6, 5), bad)

@@ -54,6 +54,7 @@ QUOTED_WITHOUT_OUTPUT = {
         "1.00": "the adapter's exact match, printed by the training cell below the sentence",
         "0.07": "(c)'s logit shift, which moves in its second digit between CPUs; the cell prints only where it lies",
     },
+    "08_variants_vs_quantization_error.ipynb": {"4.3": "the PiSSA paper's section number (§4.3, QPiSSA), not a value"},
 }
 
 
