@@ -32,4 +32,4 @@ from .nf4 import (QuantizedWeight, codebook, dequantize, dequantize_nf4, dynamic
 from .qlora import (NF4Linear, QLoRALinear, RequantizationReport, apply_qlora, load_quantized,  # noqa: F401
                     merge_and_unload, quantized_memory_report, save_quantized)
 from .spectral import intruder_dimensions, max_cosine, reduce_intruder_dimension  # noqa: F401
-from .forgetting import BaseProbe, copy_task, corpus_loss, forgetting, forgetting_sweep, mitigation_sweep  # noqa: F401
+from .forgetting import BaseProbe, copy_task, corpus_loss, forgetting_sweep, mitigation_sweep  # noqa: F401

@@ -55,8 +55,8 @@ def plot_learn_forget(rows, highlight: dict, threshold_epsilon: float = 0.5, top
         ax.plot(x, [g["task_accuracy"] for g in group], "o-", color=color, lw=1, ms=4, label=label)
     (point,) = ax.plot([], [], "o", ms=11, mfc="none", mew=2, color=COLORS["highlight"])
     rises = [r["corpus_loss_rise"] for r in rows]
-    ax.set(xlabel="forgot: corpus loss rise (nats)", ylabel="learned: task exact match", ylim=(-0.05, 1.1),
-           xlim=(min(0.0, min(rises)) - 0.1, max(rises) * 1.05 + 0.1))
+    ax.set(xlabel="forgot: corpus loss rise (nats)", ylabel="learned: task exact match", ylim=(-0.05, 1.3),
+           yticks=np.linspace(0, 1, 6), xlim=(min(0.0, min(rises)) - 0.1, max(rises) * 1.05 + 0.1))  # room: readout
     ax.legend(fontsize=8, loc="lower right")
     text = ax.text(0.02, 0.98, "", transform=ax.transAxes, ha="left", va="top", fontsize=8)
     ax_s.axhline(threshold_epsilon, color="0.4", ls=":", lw=1)
