@@ -44,6 +44,7 @@ NOTEBOOKS = [
     "notebooks/04_qlora_memory.ipynb",
     "notebooks/05_memory_at_scale.ipynb",
     "notebooks/06_merge_save_share.ipynb",
+    "notebooks/07_what_finetuning_forgets.ipynb",
     "notebooks/08_variants_vs_quantization_error.ipynb",
 ]
 
@@ -151,6 +152,27 @@ def _rank_curve_explorer():
     return curve_explorer(curves)
 
 
+def _forgetting_rows():  # 07: a sweep's rows, synthetic (the widget only picks: training is not what it times)
+    cos = {f"model.layers.{i}.self_attn.{m}": [1.0 - 0.08 * j for j in range(10)] for i in range(4)
+           for m in ("q_proj", "v_proj")}
+    return [{"method": m, "r": r, "lr": lr, "task_accuracy": min(1.0, lr * 300), "corpus_loss_rise": lr * 200,
+             "copy_accuracy": 1 - min(1.0, lr * 100), "intruders": 3, "stopped": None, "cosines": cos}
+            for m, r in (("full", None), ("lora", 4), ("lora", 16)) for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
+
+
+def _forgetting_explorer():
+    from lora_lab.widgets.forgetting import forgetting_explorer
+
+    return forgetting_explorer(_forgetting_rows())
+
+
+def _mitigation_explorer():
+    from lora_lab.widgets.forgetting import mitigation_explorer
+
+    return mitigation_explorer([{"lambda": lam, "task_accuracy": lam, "copy_accuracy": 1 - lam / 2,
+                                 "corpus_loss_rise": lam / 2} for lam in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)])
+
+
 def _variants_error_explorer():
     from lora_lab.variants import LogitError
     from lora_lab.widgets.variants import error_explorer
@@ -158,6 +180,7 @@ def _variants_error_explorer():
     sweep = {r: {"QLoRA": LogitError(0.13, 0.05), "LoftQ": LogitError(0.12 / r ** 0.3, 0.05 / r ** 0.5),
                  "PiSSA": LogitError(0.13 / r ** 0.4, 0.05 / r ** 0.6)} for r in (1, 2, 4, 8, 16, 32, 64)}
     return error_explorer(sweep, r=8)
+
 
 WIDGETS: list[WidgetCase] = [
     WidgetCase("04 memory_explorer (r, batch_size, seq_len)", _memory_explorer,
@@ -183,6 +206,11 @@ WIDGETS: list[WidgetCase] = [
                lambda box: [(box.blocksize, v) for v in (64, 256, 1024, 4096, 32)]
                + [(box.quantizer, v) for v in ("fp4", "int4", "nf4")]
                + [(box.sample, v) for v in ("normal", "base model")]),
+    WidgetCase("07 forgetting_explorer (method, lr)", _forgetting_explorer,
+               lambda box: [(box.lr, v) for v in (1e-3, 3e-3, 1e-2, 3e-4)]
+               + [(box.method, v) for v in ("r = 4", "r = 16", "full")]),
+    WidgetCase("07 mitigation_explorer (λ)", _mitigation_explorer,
+               lambda box: [(box.slider, v) for v in (0.0, 0.25, 0.5, 0.9, 1.0, 0.75)]),
     WidgetCase("08 error_explorer (rank slider)", _variants_error_explorer,
                lambda box: [(box.slider, v) for v in (1, 2, 4, 8, 16, 32, 64, 4, 1, 32)]),
 ]

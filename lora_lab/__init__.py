@@ -32,3 +32,5 @@ from .nf4 import (QuantizedWeight, codebook, dequantize, dequantize_nf4, dynamic
                   int4_codebook, nf4_codebook, quantize, quantize_fp4, quantize_int4, quantize_nf4)
 from .qlora import (NF4Linear, QLoRALinear, RequantizationReport, apply_qlora, load_quantized,  # noqa: F401
                     merge_and_unload, quantized_memory_report, save_quantized)
+from .spectral import intruder_dimensions, max_cosine, reduce_intruder_dimension  # noqa: F401
+from .forgetting import BaseProbe, copy_task, corpus_loss, forgetting_sweep, mitigation_sweep  # noqa: F401

@@ -54,6 +54,13 @@ QUOTED_WITHOUT_OUTPUT = {
         "1.00": "the adapter's exact match, printed by the training cell below the sentence",
         "0.07": "(c)'s logit shift, which moves in its second digit between CPUs; the cell prints only where it lies",
     },
+    "07_what_finetuning_forgets.ipynb": {
+        "2405.09673": "Biderman et al.'s arXiv id",
+        "2410.21228": "Shuttleworth et al.'s arXiv id",
+        "3.7": "full fine-tuning at 3e-3: its corpus-loss rise across CPU kernel levels, so no cell prints it",
+        "3.9": "full fine-tuning at 3e-3 (see 3.7)",
+        "0.75": "PEFT's default mitigation_lambda, quoted before the cell that sweeps it",
+    },
     "08_variants_vs_quantization_error.ipynb": {"4.3": "the PiSSA paper's section number (§4.3, QPiSSA), not a value"},
 }
 
