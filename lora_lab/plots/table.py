@@ -6,6 +6,8 @@ from collections.abc import Iterable, Sequence
 
 from IPython.display import Markdown
 
+from ..i18n import tr
+
 PAPER_HEADER = ("", "paper", "measured here")
 
 
@@ -21,7 +23,7 @@ def markdown_table(rows: Iterable[Sequence[object]], header: Sequence[str] = PAP
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    lines = [line(header), "|" + "---|" * len(header)]
+    lines = [line(tr(h) if h else h for h in header), "|" + "---|" * len(header)]
     for i, row in enumerate(rows):
         if len(row) != len(header):
             raise ValueError(f"row {i} has {len(row)} cells but the header has {len(header)}: {row!r}; give every "
