@@ -58,6 +58,12 @@ def tr(text: str, /, **fields) -> str:
     return template.format(**fields) if fields else template
 
 
+def tr_lines(text: str) -> str:
+    """`tr` of each line of a multi-line label that has a letter in it ("1\nforward" -> "1\n순전파" in Korean);
+    lines of numbers and symbols stay as they are."""
+    return "\n".join(tr(line) if any(ch.isalpha() for ch in line) else line for line in str(text).split("\n"))
+
+
 def missing_translations() -> set[str]:
     """The English strings `tr` was asked for in Korean and had no entry for (a copy)."""
     return set(_missing)

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.patches import Patch
 
 from ..timeline import TIMELINE_CATEGORIES
-from ..i18n import tr
+from ..i18n import tr, tr_lines
 from ._figure import new_figure, palette_color
 from .timeline import CATEGORY_LABELS, category_color
 
@@ -84,11 +84,11 @@ def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None, lege
     for i, cat in enumerate(data.categories):
         bars[cat] = ax.bar(x, data.values[i], bottom=bottom, color=palette_color(i), label=tr(cat))
         bottom = bottom + data.values[i]
-    ax.set_xticks(x, data.labels)
+    ax.set_xticks(x, [tr_lines(label) for label in data.labels])
     ax.set_ylabel(tr("memory ({unit})", unit=data.unit))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(legend_x, 1.0))  # beside the axes, never over a bar
     if title:
-        ax.set_title(title)
+        ax.set_title(tr(title))
     return fig, bars
 
 
@@ -125,7 +125,7 @@ def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
         fig, ax = new_figure(width=4.0, height=3.5)
     lines = {}
     for i, (name, (steps, nbytes)) in enumerate(series.items()):
-        (lines[name],) = ax.plot(steps, np.asarray(nbytes, dtype=float) / UNITS[unit], label=name,
+        (lines[name],) = ax.plot(steps, np.asarray(nbytes, dtype=float) / UNITS[unit], label=tr(name),
                                  color=palette_color(i), marker=marker, markersize=4)
     ax.set_xlabel(tr("step"))
     ax.set_ylabel(tr("memory ({unit})", unit=unit))
@@ -138,7 +138,7 @@ def plot_dashboard(data: StackedBars, unit: str = "MiB"):
     draws the latest recorded step's timeline (`lora_lab.plots.timeline.draw_step_timeline`).
     Returns (figure, (bar axis, step axis), bars)."""
     fig, (ax_bar, ax_step) = new_figure(width=10.0, height=3.6, ncols=2)
-    _, bars = plot_stacked_bars(data, ax=ax_bar, title=tr("memory by category"))
+    _, bars = plot_stacked_bars(data, ax=ax_bar, title="memory by category")  # translated there
     ax_bar.get_legend().remove()  # one legend for both panels, under them, with readable names
     ax_bar.set_ylabel(tr("memory ({unit})", unit=unit))
     colors = [palette_color(i) for i in range(len(data.categories))]  # the bars' colours
@@ -177,7 +177,7 @@ def plot_loss_curves(histories: Mapping[str, object], smooth: int = 1, title: st
         if smooth > 1 and len(loss) >= smooth:
             loss = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")
             steps = steps[smooth - 1:]
-        (lines[name],) = ax.plot(steps, loss, label=name, color=palette_color(i))
+        (lines[name],) = ax.plot(steps, loss, label=tr(name), color=palette_color(i))
     ax.set_xlabel(tr("step"))
     ax.set_ylabel(tr("loss"))
     if title:

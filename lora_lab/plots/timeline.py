@@ -88,7 +88,7 @@ def draw_step_timeline(ax, timeline: StepTimeline, unit: str, ymax: float | None
     data = timeline_area_data(timeline, unit)
     ax.clear()
     x = np.arange(data.values.shape[1])
-    ax.stackplot(x, data.values, labels=[CATEGORY_LABELS[c] for c in data.categories],
+    ax.stackplot(x, data.values, labels=[tr(CATEGORY_LABELS[c]) for c in data.categories],
                  colors=[category_color(c) for c in data.categories], step="post", linewidth=0, zorder=2)
     top = ymax if ymax is not None else max(float(data.totals.max()), 1e-9) * 1.25
     for k, (phase, first, last) in enumerate(data.spans):
@@ -141,5 +141,5 @@ def redraw_step_timelines(axes, timelines: Mapping[str, StepTimeline], unit: str
     for ax, (name, timeline) in zip(axes, timelines.items()):
         peak, where, biggest = peak_parts(timeline)
         drawn[name] = draw_step_timeline(ax, timeline, unit, top, legend=False,
-                                         title=f"{name}: {peak}\n{where}\n{biggest}")
+                                         title=f"{tr(name)}: {peak}\n{where}\n{biggest}")
     return drawn
