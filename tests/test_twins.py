@@ -8,6 +8,7 @@ tables in Korean (`lora_lab.i18n`).
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,26 @@ def test_the_twins_outputs_come_from_its_own_korean_run(english):
     for header in ("|  | paper | measured here |", "<th>quantizer</th>"):
         if header in english_text:
             assert header not in stored, f"ko/{english.name} stores an English {header!r}: execute it again"
+
+
+NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def compared_numbers(cell: dict) -> list[str]:
+    """The numbers in the outputs nbval compares (text, stream, Markdown), in order; none for an ignored cell."""
+    if "NBVAL_IGNORE_OUTPUT" in "".join(cell["source"]) or "nbval-ignore-output" in cell["metadata"].get("tags", []):
+        return []
+    text = []
+    for out in cell["outputs"]:
+        text.append("".join(out.get("text", "")) if out.get("name") != "stderr" else "")
+        text += ["".join(out.get("data", {}).get(k, "")) for k in ("text/plain", "text/markdown")]
+    return NUMBER.findall("\n".join(text))
+
+
+@pytest.mark.parametrize("english", ENGLISH, ids=lambda p: p.name)
+def test_the_twin_prints_the_english_notebooks_numbers(english):
+    """Same code, same numbers: only the words of the package's labels differ between the editions' outputs. This
+    is what lets the twins' stored outputs rely on the English notebooks' portability checks."""
+    mine, theirs = code_cells(load(twins.TWINS / english.name)), code_cells(load(english))
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        assert compared_numbers(a) == compared_numbers(b), f"ko/{english.name} code cell {i} prints other numbers"
