@@ -95,10 +95,12 @@ def test_a_string_without_an_entry_stays_english_and_is_reported(korean):
     i18n._missing.discard("no such string {n}")
 
 
-def test_the_closing_table_header_is_korean_and_its_cells_are_as_given(korean):
-    lines = paper_table([("rank", "1", "8")]).data.splitlines()
+def test_the_closing_tables_header_and_first_column_are_korean_and_the_values_as_given(korean):
+    lines = paper_table([("NF4 levels: negative / zero / positive", "7 / 1 / 8 (bitsandbytes' code)", "7 / 1 / 8"),
+                         ("", "x", 3)]).data.splitlines()
     assert lines[0] == "|  | 논문 | 여기서 측정 |"
-    assert lines[2] == "| rank | 1 | 8 |"  # a notebook's own cells are its code's: identical in both editions
+    assert lines[2] == "| NF4 레벨: 음수 / 영 / 양수 | 7 / 1 / 8 (bitsandbytes' code) | 7 / 1 / 8 |"
+    assert lines[3] == "|  | x | 3 |"  # an empty first cell stays empty
 
 
 def test_the_korean_font_file_ships_with_koreanize_matplotlib():

@@ -119,3 +119,24 @@ def test_the_twin_prints_the_english_notebooks_numbers(english):
     mine, theirs = code_cells(load(twins.TWINS / english.name)), code_cells(load(english))
     for i, (a, b) in enumerate(zip(mine, theirs)):
         assert compared_numbers(a) == compared_numbers(b), f"ko/{english.name} code cell {i} prints other numbers"
+
+
+def table_first_cells(cell: dict) -> list[str]:
+    """The first cell of each body row of the Markdown tables a code cell displays (the closing table's claims)."""
+    cells = []
+    for out in cell["outputs"]:
+        text = "".join(out.get("data", {}).get("text/markdown", ""))
+        if text.startswith("|"):
+            cells += [line.strip("|").split(" | ")[0].strip() for line in text.splitlines()[2:]]
+    return cells
+
+
+@pytest.mark.parametrize("english", ENGLISH, ids=lambda p: p.name)
+def test_the_twins_closing_tables_name_each_claim_in_korean(english):
+    from lora_lab.i18n_ko import KO
+
+    mine, theirs = code_cells(load(twins.TWINS / english.name)), code_cells(load(english))
+    pairs = [(en, ko) for a, b in zip(mine, theirs) for en, ko in zip(table_first_cells(b), table_first_cells(a))]
+    assert pairs or not any(table_first_cells(b) for b in theirs)
+    untranslated = [en for en, ko in pairs if en and (en not in KO or ko != KO[en])]
+    assert not untranslated, f"add these to lora_lab/i18n_ko.py, then execute ko/{english.name}: {untranslated}"
