@@ -8,6 +8,7 @@ Each module holds one concept (see README, "The package"). The names users touch
 __version__ = "0.1.0"
 
 # Public API: each module adds its own line below.
+from .i18n import get_language, set_language  # noqa: F401
 from .lora import LoraConfig, LoRALinear, LoRALayer, ParameterCount, count_parameters  # noqa: F401
 from .dora import MagnitudeVector  # noqa: F401
 from .lora_embedding import LoRAEmbedding  # noqa: F401

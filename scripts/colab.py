@@ -11,6 +11,10 @@ kit from that repository when ``lora_lab`` is not importable, as on Colab, where
 kit asks for any torch >= 2.4) and the notebooks pick the GPU by themselves. Where the kit is installed (``./kit``,
 a wheel) the cell does nothing. ``LORA_LAB_WHEEL=path/to/lora_lab.whl`` installs a wheel instead of the
 repository (``tests/test_colab.py`` runs a notebook that way in an environment without the kit).
+
+The Korean edition (``notebooks/ko/``) gets the same cell in Korean, which also sets ``LORA_LAB_LANG=ko`` (figures,
+widgets and tables in Korean: `lora_lab.i18n`); it is the one code cell in which a twin differs from its English
+notebook (``scripts/twins.py``). README.md links the English notebooks, README.ko.md the Korean ones.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 README = ROOT / "README.md"
+READMES = {"en": README, "ko": ROOT / "README.ko.md"}  # each links its edition's notebooks
 NOTEBOOKS = ROOT / "notebooks"
 TAG = "kit-install"
 URL_LINE = re.compile(r'^Repository = "([^"]*)"$', re.M)
@@ -37,11 +42,22 @@ def repository() -> str:
     return match.group(1)
 
 
-def install_cell(repo: str) -> list[str]:
-    """The first code cell's source lines."""
+def language_of(notebook: Path) -> str:
+    """The edition a notebook belongs to: "ko" under notebooks/ko/, else "en"."""
+    return "ko" if notebook.parent.name == "ko" else "en"
+
+
+def install_cell(repo: str, language: str = "en") -> list[str]:
+    """The first code cell's source lines, for the English or the Korean edition."""
+    head = {
+        "en": ["# On Colab, or any Python without lora_lab: install it. Where the kit is installed, this does nothing.",
+               "import importlib.util, os"],
+        "ko": ["# Colab처럼 lora_lab이 없는 환경이면 설치합니다. 키트가 설치된 곳에서는 설치하지 않습니다.",
+               "import importlib.util, os",
+               "os.environ[\"LORA_LAB_LANG\"] = \"ko\"  # 그림, 위젯, 표의 글자를 한국어로 (lora_lab.i18n)"],
+    }[language]
     lines = [
-        "# On Colab, or any Python without lora_lab: install it. Where the kit is installed, this does nothing.",
-        "import importlib.util, os",
+        *head,
         "if importlib.util.find_spec(\"lora_lab\") is None:",
         f"    source = os.environ.get(\"LORA_LAB_WHEEL\", \"git+{repo}\")",
         "    %pip install -q {source}",
@@ -59,10 +75,10 @@ def notebooks() -> list[Path]:
     return sorted(p for p in NOTEBOOKS.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 
 
-def with_install_cell(nb: dict, repo: str) -> dict:
+def with_install_cell(nb: dict, repo: str, language: str = "en") -> dict:
     """The notebook with its ``kit-install`` cell up to date (inserted after the title cell if missing)."""
     cell = {"cell_type": "code", "execution_count": None, "id": "kit-install",
-            "metadata": {"tags": [TAG, "nbval-ignore-output"]}, "outputs": [], "source": install_cell(repo)}
+            "metadata": {"tags": [TAG, "nbval-ignore-output"]}, "outputs": [], "source": install_cell(repo, language)}
     old = [c for c in nb["cells"] if TAG in c.get("metadata", {}).get("tags", [])]
     if old:
         cell["execution_count"] = old[0].get("execution_count")  # scripts/clean_notebooks.py numbers the cells
@@ -71,23 +87,28 @@ def with_install_cell(nb: dict, repo: str) -> dict:
     return {**nb, "cells": cells[:first_code] + [cell] + cells[first_code:]}
 
 
-def readme_links(repo: str) -> str:
-    rows = [f"| [{p.stem}]({p.relative_to(ROOT).as_posix()}) | [Open in Colab]({colab_link(repo, p)}) |"
-            for p in notebooks()]
-    return "\n".join([BEGIN, "| notebook | Colab |", "|---|---|", *rows, END])
+def readme_links(repo: str, language: str = "en") -> str:
+    header, text = {"en": ("| notebook | Colab |", "Open in Colab"),
+                    "ko": ("| 노트북 | Colab |", "Colab에서 열기")}[language]
+    rows = [f"| [{p.stem}]({p.relative_to(ROOT).as_posix()}) | [{text}]({colab_link(repo, p)}) |"
+            for p in notebooks() if language_of(p) == language]
+    return "\n".join([BEGIN, header, "|---|---|", *rows, END])
 
 
 def planned(repo: str) -> dict[Path, str]:
     """Every file this script writes, with the text it should have."""
     files = {}
     for path in notebooks():
-        nb = with_install_cell(json.loads(path.read_text(encoding="utf-8")), repo)
+        nb = with_install_cell(json.loads(path.read_text(encoding="utf-8")), repo, language_of(path))
         files[path] = json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"  # as Jupyter writes it
-    readme = README.read_text(encoding="utf-8")
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to write the links into.")
-    head, rest = readme.split(BEGIN, 1)
-    files[README] = head + readme_links(repo) + rest.split(END, 1)[1]
+    for language, path in READMES.items():
+        if language != "en" and not path.is_file():
+            continue
+        readme = path.read_text(encoding="utf-8")
+        if BEGIN not in readme or END not in readme:
+            raise SystemExit(f"{path.name} has no {BEGIN} ... {END} block to write the links into.")
+        head, rest = readme.split(BEGIN, 1)
+        files[path] = head + readme_links(repo, language) + rest.split(END, 1)[1]
     return files
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)  # ko/ too
 
 
 def test_clean_notebooks_check_passes():
@@ -19,7 +19,7 @@ def test_clean_notebooks_check_passes():
     assert proc.returncode == 0, f"run scripts/clean_notebooks.py on: {proc.stdout}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT / "notebooks").as_posix())
 def test_stored_outputs_name_no_local_paths(path):
     nb = json.loads(path.read_text(encoding="utf-8"))
     text = json.dumps([c.get("outputs", []) for c in nb["cells"]])
@@ -33,7 +33,7 @@ NOISY_IMPORTS = ("import bitsandbytes", "import peft", "import transformers", "f
                  "from bitsandbytes")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT / "notebooks").as_posix())
 def test_noisy_libraries_are_first_imported_in_a_cell_whose_output_is_not_compared(path):
     nb = json.loads(path.read_text(encoding="utf-8"))
     for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):

@@ -39,8 +39,11 @@ def installed(tmp_path_factory):
 
 def test_the_wheel_holds_the_weights_and_the_notebooks(installed):
     names = zipfile.ZipFile(installed[3]).namelist()
-    notebooks = sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
-    assert sorted(Path(n).name for n in names if n.startswith("lora_lab/notebooks/")) == notebooks
+    # Both editions: the English notebooks and their Korean twins in ko/ (a Korean class runs `lora-lab lab` too).
+    notebooks = sorted(p.relative_to(REPO / "notebooks").as_posix() for p in (REPO / "notebooks").rglob("*.ipynb"))
+    assert any(n.startswith("ko/") for n in notebooks)
+    shipped = sorted(n.removeprefix("lora_lab/notebooks/") for n in names if n.startswith("lora_lab/notebooks/"))
+    assert shipped == notebooks
     assert "lora_lab/weights/base.safetensors" in names and "lora_lab/weights/base_config.json" in names
 
 
@@ -63,8 +66,8 @@ def test_installed_kit_imports_from_the_environment_and_loads_the_model(installe
 def test_console_command_copies_the_notebooks_and_they_run(installed):
     python, bin_dir, work, _ = installed
     _run([str(bin_dir / "lora-lab"), "copy", "--dir", "course"], cwd=work)
-    copied = sorted(p.name for p in (work / "course").glob("*.ipynb"))
-    assert copied == sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
+    copied = sorted(p.relative_to(work / "course").as_posix() for p in (work / "course").rglob("*.ipynb"))
+    assert copied == sorted(p.relative_to(REPO / "notebooks").as_posix() for p in (REPO / "notebooks").rglob("*.ipynb"))
     # nbval in the new environment, outside the checkout: the copied notebook, run as a student runs it
     _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
           "--nbval-sanitize-with", str(REPO / "notebooks" / "sanitize.cfg"), "course/01_lora_from_scratch.ipynb"],

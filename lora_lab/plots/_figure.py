@@ -8,6 +8,8 @@ import math
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..i18n import apply_font
+
 # The kit's one palette: colour-blind-safe (Okabe-Ito). Categories (memory parts, merge targets, curves) take
 # it in order through `palette_color`; an idea that recurs across notebooks has a fixed entry in `COLORS`.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
@@ -35,11 +37,13 @@ def figure_dpi(width: float, dpi: int | None = None) -> int:
 
 def new_figure(*, width: float = 7.0, height: float = 3.2, ncols: int = 1, nrows: int = 1, dpi: int | None = None):
     """A figure outside pyplot (so a notebook shows it only when asked) with an Agg canvas, at least
-    `MIN_WIDTH_PX` wide (`figure_dpi`). Keyword arguments only, so a call reads the same wherever it is.
+    `MIN_WIDTH_PX` wide (`figure_dpi`), in the font of the language in force (`lora_lab.i18n.apply_font`: Hangul
+    in the Korean edition). Keyword arguments only, so a call reads the same wherever it is.
 
     Returns:
         (fig, axes): ``axes`` is one Axes for a 1x1 grid, else a flat list (row by row).
     """
+    apply_font()
     fig = Figure(figsize=(width, height), dpi=figure_dpi(width, dpi), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()

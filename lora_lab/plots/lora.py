@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from ..i18n import tr
 from ._figure import COLORS, new_figure, palette_color
 
 # The three scalings of the update B A that users meet (research notes, users' question 4).
@@ -84,11 +85,12 @@ def plot_rank_explorer(s: torch.Tensor, r: int, in_features: int, out_features: 
     values, edges = np.asarray(s), np.arange(len(s) + 1) + 0.5  # bar k spans [k - 0.5, k + 0.5]
     ax_s.stairs(values, edges, fill=True, color=COLORS["random"], baseline=values.min() / 2)
     kept = ax_s.stairs(values[:1], edges[:2], fill=True, color=COLORS["highlight"], baseline=values.min() / 2)
-    ax_s.set(yscale="log", xlabel="index k", ylabel="singular value σ_k", title="spectrum of W")
+    ax_s.set(yscale="log", xlabel=tr("index k"), ylabel=tr("singular value σ_k"), title=tr("spectrum of W"))
     err = lowrank_error(s)
     ax_e.plot(np.arange(len(err)), err, color=COLORS["lora"])
     (marker,) = ax_e.plot([], [], "o", color=COLORS["highlight"])
-    ax_e.set(xlabel="rank r", ylabel="||W − W_r||_F / ||W||_F", title="best rank-r approximation", ylim=(0, 1.02))
+    ax_e.set(xlabel=tr("rank r"), ylabel="||W − W_r||_F / ||W||_F", title=tr("best rank-r approximation"),
+             ylim=(0, 1.02))
     text = ax_e.text(0.97, 0.95, "", transform=ax_e.transAxes, ha="right", va="top", fontsize=9)
     artists = {"kept": kept, "marker": marker, "text": text, "s": s, "dims": (in_features, out_features)}
     update_rank_explorer(artists, r)
@@ -101,9 +103,9 @@ def update_rank_explorer(artists: dict, r: int) -> dict:
     values = np.asarray(artists["s"])
     artists["kept"].set_data(values[:r], np.arange(r + 1) + 0.5)  # the r singular values a rank-r W_r keeps
     artists["marker"].set_data([r], [data["rel_error"]])
-    artists["text"].set_text(f"r = {r}\nA+B: {data['lora_params']:,} params\n"
-                             f"= {100 * data['ratio']:.1f}% of {data['full_params']:,}\n"
-                             f"error {data['rel_error']:.3f}")
+    artists["text"].set_text(tr("r = {r}\nA+B: {params:,} params\n= {percent:.1f}% of {full:,}\nerror {error:.3f}",
+                                r=r, params=data["lora_params"], percent=100 * data["ratio"],
+                                full=data["full_params"], error=data["rel_error"]))
     return data
 
 
@@ -114,8 +116,8 @@ def plot_update_sizes(ranks, alpha: float, base_norms, r: int):
     for name in SCALINGS:
         (lines[name],) = ax.plot(ranks, np.ones(len(ranks)), "-", color=SCALING_COLORS[name], label=name)
         (markers[name],) = ax.plot([], [], "o", color=SCALING_COLORS[name])
-    ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="||scaling · B A||_F",
-           title="effective update size (A, B entries of fixed scale)")
+    ax.set(xscale="log", yscale="log", xlabel=tr("rank r"), ylabel="||scaling · B A||_F",
+           title=tr("effective update size (A, B entries of fixed scale)"))
     ax.set_xticks(list(ranks), [str(x) for x in ranks])
     ax.legend(loc="upper left", fontsize=8)
     artists = {"ax": ax, "lines": lines, "markers": markers, "ranks": list(ranks), "base": np.asarray(base_norms)}
@@ -144,8 +146,8 @@ def plot_loss_grid(curves: dict[str, dict[int, list[float]]]):
     for ax, (name, per_rank) in zip(axes, curves.items()):
         for r, losses in per_rank.items():
             ax.plot(losses, color=shades[r], label=f"r={r}")
-        ax.set(yscale="log", title=name, xlabel="step")
-    axes[0].set_ylabel("loss")
+        ax.set(yscale="log", title=name, xlabel=tr("step"))
+    axes[0].set_ylabel(tr("loss"))
     axes[0].legend(fontsize=8)
     for ax in axes[1:]:
         ax.sharey(axes[0])
@@ -162,10 +164,10 @@ def plot_spectra(spectra: dict[str, torch.Tensor], top: int = 32):
         s = np.asarray(s, dtype=np.float64)
         color = COLORS["random"] if "random" in name.lower() else palette_color(i)
         k = np.arange(1, min(top, len(s)) + 1)
-        (lines[name],) = ax_s.plot(k, s[: len(k)] / s[0], "o-", ms=3, color=color, label=name)
-        ax_c.plot(np.arange(1, len(s) + 1), np.cumsum(s**2) / np.sum(s**2), color=color, label=name)
-    ax_s.set(xlabel="index k", ylabel="σ_k / σ_1", title=f"top {top} singular values", ylim=(0, 1.05))
-    ax_c.set(xlabel="rank r", ylabel="share of ||ΔW||_F²", title="cumulative energy", ylim=(0, 1.02))
+        (lines[name],) = ax_s.plot(k, s[: len(k)] / s[0], "o-", ms=3, color=color, label=tr(name))
+        ax_c.plot(np.arange(1, len(s) + 1), np.cumsum(s**2) / np.sum(s**2), color=color, label=tr(name))
+    ax_s.set(xlabel=tr("index k"), ylabel="σ_k / σ_1", title=tr("top {top} singular values", top=top), ylim=(0, 1.05))
+    ax_c.set(xlabel=tr("rank r"), ylabel=tr("share of ||ΔW||_F²"), title=tr("cumulative energy"), ylim=(0, 1.02))
     ax_c.axhline(0.9, color="k", lw=0.5, ls=":")
     ax_s.legend(fontsize=8)
     return fig, {"lines": lines}

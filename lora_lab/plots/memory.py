@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.patches import Patch
 
 from ..timeline import TIMELINE_CATEGORIES
+from ..i18n import tr, tr_lines
 from ._figure import new_figure, palette_color
 from .timeline import CATEGORY_LABELS, category_color
 
@@ -81,13 +82,13 @@ def plot_stacked_bars(data: StackedBars, ax=None, title: str | None = None, lege
     bottom = np.zeros(len(data.labels))
     bars = {}
     for i, cat in enumerate(data.categories):
-        bars[cat] = ax.bar(x, data.values[i], bottom=bottom, color=palette_color(i), label=cat)
+        bars[cat] = ax.bar(x, data.values[i], bottom=bottom, color=palette_color(i), label=tr(cat))
         bottom = bottom + data.values[i]
-    ax.set_xticks(x, data.labels)
-    ax.set_ylabel(f"memory ({data.unit})")
+    ax.set_xticks(x, [tr_lines(label) for label in data.labels])
+    ax.set_ylabel(tr("memory ({unit})", unit=data.unit))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(legend_x, 1.0))  # beside the axes, never over a bar
     if title:
-        ax.set_title(title)
+        ax.set_title(tr(title))
     return fig, bars
 
 
@@ -124,10 +125,10 @@ def plot_timeline(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
         fig, ax = new_figure(width=4.0, height=3.5)
     lines = {}
     for i, (name, (steps, nbytes)) in enumerate(series.items()):
-        (lines[name],) = ax.plot(steps, np.asarray(nbytes, dtype=float) / UNITS[unit], label=name,
+        (lines[name],) = ax.plot(steps, np.asarray(nbytes, dtype=float) / UNITS[unit], label=tr(name),
                                  color=palette_color(i), marker=marker, markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"memory ({unit})")
+    ax.set_xlabel(tr("step"))
+    ax.set_ylabel(tr("memory ({unit})", unit=unit))
     ax.legend(fontsize=8)
     return fig, lines
 
@@ -137,13 +138,13 @@ def plot_dashboard(data: StackedBars, unit: str = "MiB"):
     draws the latest recorded step's timeline (`lora_lab.plots.timeline.draw_step_timeline`).
     Returns (figure, (bar axis, step axis), bars)."""
     fig, (ax_bar, ax_step) = new_figure(width=10.0, height=3.6, ncols=2)
-    _, bars = plot_stacked_bars(data, ax=ax_bar, title="memory by category")
+    _, bars = plot_stacked_bars(data, ax=ax_bar, title="memory by category")  # translated there
     ax_bar.get_legend().remove()  # one legend for both panels, under them, with readable names
-    ax_bar.set_ylabel(f"memory ({unit})")
+    ax_bar.set_ylabel(tr("memory ({unit})", unit=unit))
     colors = [palette_color(i) for i in range(len(data.categories))]  # the bars' colours
     names = list(data.categories) + [c for c in TIMELINE_CATEGORIES if c not in data.categories]
     colors += [category_color(c) for c in names[len(colors):]]  # what only the step's timeline shows
-    fig.legend([Patch(color=c) for c in colors], [CATEGORY_LABELS.get(c, c) for c in names],
+    fig.legend([Patch(color=c) for c in colors], [tr(CATEGORY_LABELS.get(c, c)) for c in names],
                loc="outside lower center", ncols=min(len(names), 6), fontsize=8)
     empty_step_axis(ax_step)
     return fig, (ax_bar, ax_step), bars
@@ -154,7 +155,7 @@ def empty_step_axis(ax) -> None:
     ax.clear()
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.text(0.5, 0.5, "inside the latest step: pass a TimelineRecorder\nto dashboard.callback(method, recorder)",
+    ax.text(0.5, 0.5, tr("inside the latest step: pass a TimelineRecorder\nto dashboard.callback(method, recorder)"),
             ha="center", va="center", fontsize=9, transform=ax.transAxes)
 
 
@@ -168,17 +169,18 @@ def loss_curve_data(histories: Mapping[str, object]) -> dict[str, tuple[np.ndarr
 
 
 def plot_loss_curves(histories: Mapping[str, object], smooth: int = 1, title: str | None = "training loss"):
-    """Loss curves side by side on one axis (optionally a running mean over `smooth` steps)."""
+    """Loss curves side by side on one axis (optionally a running mean over `smooth` steps); `title` is
+    translated (`lora_lab.i18n.tr`)."""
     fig, ax = new_figure(width=7.0, height=3.2)
     lines = {}
     for i, (name, (steps, loss)) in enumerate(loss_curve_data(histories).items()):
         if smooth > 1 and len(loss) >= smooth:
             loss = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")
             steps = steps[smooth - 1:]
-        (lines[name],) = ax.plot(steps, loss, label=name, color=palette_color(i))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+        (lines[name],) = ax.plot(steps, loss, label=tr(name), color=palette_color(i))
+    ax.set_xlabel(tr("step"))
+    ax.set_ylabel(tr("loss"))
     if title:
-        ax.set_title(title)
+        ax.set_title(tr(title))
     ax.legend(fontsize=8)
     return fig, lines

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..nf4 import nearest_code
+from ..i18n import tr
 from ._figure import new_figure, palette_color
 
 TARGETS = ("a: W16 + ΔW", "b: dequant(NF4 W) + ΔW", "c: NF4(b), requantized")
@@ -143,8 +144,8 @@ def plot_error_histograms(weight_err: Mapping[str, torch.Tensor], out_err: Mappi
         lim = max(float(e.abs().max()) for e in errs.values()) or 1.0
         edges = np.linspace(-lim, lim, bins + 1)
         for i, (name, e) in enumerate(errs.items()):
-            ax.hist(e.float().numpy(), bins=edges, histtype="step", color=palette_color(i), label=name, log=True)
-        ax.set_title(title, fontsize=10)
+            ax.hist(e.float().numpy(), bins=edges, histtype="step", color=palette_color(i), label=tr(name), log=True)
+        ax.set_title(tr(title), fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)  # no data
     return fig, axes
@@ -160,9 +161,9 @@ def plot_erasure_histogram(hists: Sequence[np.ndarray], bins: np.ndarray):
     fig, ax = new_figure(width=6.0, height=3.0)
     centers, width = (bins[:-1] + bins[1:]) / 2, bins[1] - bins[0]
     bars = ax.bar(centers, hists[0], width=width, color=palette_color(0))
-    ax.axvline(0, color=palette_color(5), linestyle="--", label="erase threshold")
-    ax.set_xlabel("log10(|ΔW| / (½ code gap × absmax))")
-    ax.set_ylabel("fraction of entries")
+    ax.axvline(0, color=palette_color(5), linestyle="--", label=tr("erase threshold"))
+    ax.set_xlabel(tr("log10(|ΔW| / (½ code gap × absmax))"))
+    ax.set_ylabel(tr("fraction of entries"))
     ax.set_ylim(0, max(float(h.max()) for h in hists) * 1.1)
     ax.legend(fontsize=8)
     return fig, bars

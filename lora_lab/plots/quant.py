@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..nf4 import nearest_code
+from ..i18n import tr
 from ._figure import COLORS, new_figure, palette_color
 
 ERROR_RANGE = 0.3  # histogram x-range of the error, in units of the weights' standard deviation
@@ -101,7 +102,8 @@ def error_histogram(error: np.ndarray) -> np.ndarray:
 def stats_table_html(grid: dict, sample: str, blocksize: int, selected: str) -> str:
     """An HTML table of error statistics for every quantizer at (sample, blocksize); ``selected`` in bold."""
     rows = [(q, v) for (s, q, bs), v in grid.items() if s == sample and bs == blocksize]
-    head = "<tr><th>quantizer</th><th>RMSE</th><th>mean |err|</th><th>max |err|</th><th>SQNR dB</th></tr>"
+    head = "<tr>" + "".join(f"<th>{tr(h)}</th>" for h in ("quantizer", "RMSE", "mean |err|", "max |err|", "SQNR dB"))
+    head += "</tr>"
     body = "".join(
         f"<tr style='font-weight:{'bold' if q == selected else 'normal'}'><td>{q}</td><td>{v['rmse']:.4f}</td>"
         f"<td>{v['mean_abs']:.4f}</td><td>{v['max_abs']:.4f}</td><td>{v['sqnr_db']:.1f}</td></tr>" for q, v in rows)
@@ -114,12 +116,12 @@ def plot_codebook(levels: torch.Tensor, reference: torch.Tensor | None = None):
     levels = np.asarray(levels, dtype=np.float64)
     if reference is not None:
         ax.plot(np.asarray(reference), np.zeros(len(reference)), "o", ms=11, mfc="none", color="k",
-                label="bitsandbytes NF4")
-    (dots,) = ax.plot(levels, np.zeros(len(levels)), "o", color=COLORS["nf4"], label="codebook")
+                label=tr("bitsandbytes NF4"))
+    (dots,) = ax.plot(levels, np.zeros(len(levels)), "o", color=COLORS["nf4"], label=tr("codebook"))
     mids = (levels[1:] + levels[:-1]) / 2
     (cuts,) = ax.plot(np.repeat(mids, 3), np.tile([-0.6, 0.6, np.nan], len(mids)), color=COLORS["fp4"], lw=1,
-                      label="thresholds (midpoints)")
-    ax.set(xlim=(-1.08, 1.08), ylim=(-1, 1.2), yticks=[], xlabel="normalized weight (w / absmax)")
+                      label=tr("thresholds (midpoints)"))
+    ax.set(xlim=(-1.08, 1.08), ylim=(-1, 1.2), yticks=[], xlabel=tr("normalized weight (w / absmax)"))
     ax.legend(loc="upper left", ncols=3, fontsize=8, frameon=False)
     return fig, {"dots": dots, "cuts": cuts}
 
@@ -144,7 +146,7 @@ def plot_levels_over_hist(normalized: torch.Tensor, codebooks: dict):
         color = COLORS.get(name.lower().split()[0], palette_color(i))
         (rows[name],) = ax.plot(np.asarray(levels), np.full(len(levels), y), "|", ms=12, mew=2, color=color)
         ax.text(-1.06, y, name, ha="right", va="center", fontsize=9, color=color)
-    ax.set(xlim=(-1.05, 1.05), xlabel="w / absmax of its block", ylabel="density", yticks=[])
+    ax.set(xlim=(-1.05, 1.05), xlabel=tr("w / absmax of its block"), ylabel=tr("density"), yticks=[])
     return fig, {"rows": rows, "counts": counts}
 
 
@@ -155,11 +157,11 @@ def plot_occupancy(occupancies: dict):
     bars = {}
     for i, (name, occ) in enumerate(occupancies.items()):
         color = COLORS.get(name.lower().split()[0], palette_color(i))
-        label = f"{name} ({entropy_bits(occ):.2f} bits)"
+        label = tr("{name} ({bits:.2f} bits)", name=name, bits=entropy_bits(occ))
         bars[name] = ax.bar(np.arange(len(occ)) + (i - (len(occupancies) - 1) / 2) * width, occ, width,
                             color=color, label=label)
     ax.axhline(1 / 16, color="k", ls="--", lw=1)
-    ax.set(xlabel="code (sorted by level)", ylabel="share of weights", xticks=range(16))
+    ax.set(xlabel=tr("code (sorted by level)"), ylabel=tr("share of weights"), xticks=range(16))
     ax.legend(fontsize=8)
     return fig, {"bars": bars}
 
@@ -169,8 +171,9 @@ def plot_error_explorer(grid: dict, key: tuple):
     fig, ax = new_figure(width=6.0, height=3.0)
     edges = np.linspace(-ERROR_RANGE, ERROR_RANGE, ERROR_BINS + 1)
     hist = ax.stairs(error_histogram(grid[key]["error"]), edges, fill=True, color=COLORS["nf4"], baseline=1e-3)
-    ax.set(yscale="log", ylim=(1e-2, 300), xlim=(edges[0], edges[-1]), ylabel="density",
-           xlabel=f"quantization error / std(w)\n(the end bins also count errors beyond ±{ERROR_RANGE:g})")
+    ax.set(yscale="log", ylim=(1e-2, 300), xlim=(edges[0], edges[-1]), ylabel=tr("density"),
+           xlabel=tr("quantization error / std(w)\n(the end bins also count errors beyond ±{range:g})",
+                     range=ERROR_RANGE))
     label = ax.text(0.02, 0.95, "", transform=ax.transAxes, va="top", fontsize=9)
     artists = {"hist": hist, "label": label, "grid": grid}
     update_error_explorer(artists, key)
@@ -184,8 +187,8 @@ def update_error_explorer(artists: dict, key: tuple) -> np.ndarray:
     artists["hist"].set_data(np.maximum(density, 1e-3), edges)
     name = {"nf4": COLORS["nf4"], "fp4": COLORS["fp4"], "int4": COLORS["int4"]}
     artists["hist"].set_color(name.get(key[1].lower().split()[0], COLORS["nf4"]))
-    artists["label"].set_text(f"{key[0]}, {key[1]}, blocksize {key[2]}: RMSE "
-                              f"{artists['grid'][key]['rmse']:.4f}")
+    artists["label"].set_text(tr("{sample}, {quantizer}, blocksize {blocksize}: RMSE {rmse:.4f}", sample=key[0],
+                                 quantizer=key[1], blocksize=key[2], rmse=artists["grid"][key]["rmse"]))
     return density
 
 
@@ -200,7 +203,7 @@ def plot_blocksize_errors(blocksizes, curves: dict):
     lines = {}
     for i, (name, rmse) in enumerate(curves.items()):
         (lines[name],) = ax.plot(blocksizes, rmse, "o-", color=palette_color(i), label=name)
-    ax.set(xscale="log", xlabel="blocksize", ylabel="RMSE", ylim=(0, None))
+    ax.set(xscale="log", xlabel=tr("blocksize"), ylabel="RMSE", ylim=(0, None))
     ax.set_xticks(list(blocksizes), [str(b) for b in blocksizes])
     ax.legend(fontsize=8)
     return fig, {"lines": lines}

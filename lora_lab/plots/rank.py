@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..i18n import tr
 from ._figure import COLORS, new_figure
 
 
@@ -55,12 +56,12 @@ def plot_loss_curves(curves: dict, highlight, reference: str | None = "full", yl
     fig, ax = new_figure(width=6.0, height=3.2)
     for label, (steps, values) in curves.items():
         style = dict(color=COLORS["full"], ls="--", lw=1.5) if label == reference else dict(color="0.75", lw=1)
-        ax.plot(steps, values, **style, label="full fine-tuning" if label == reference else None)
+        ax.plot(steps, values, **style, label=tr("full fine-tuning") if label == reference else None)
     (line,) = ax.plot([], [], color=COLORS["highlight"], lw=2.5)
     every = np.concatenate([np.asarray(v, dtype=float) for _, v in curves.values()])
-    ax.set(yscale="log", xlabel="step", ylabel=ylabel, ylim=(every.min() * 0.8, every.max() * 1.2))
+    ax.set(yscale="log", xlabel=tr("step"), ylabel=tr(ylabel), ylim=(every.min() * 0.8, every.max() * 1.2))
     if threshold is not None:
-        ax.axhline(threshold, color="k", ls=":", lw=1, label=f"loss {threshold:g}")
+        ax.axhline(threshold, color="k", ls=":", lw=1, label=tr("loss {threshold:g}", threshold=threshold))
     text = ax.text(0.97, 0.95, "", transform=ax.transAxes, ha="right", va="top", fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     artists = {"line": line, "text": text, "curves": curves, "reference": reference, "threshold": threshold}
@@ -77,14 +78,14 @@ def loss_readout(curves: dict, highlight, reference: str | None = None, threshol
     """The explorer's readout: the curve's final value, its ratio to the reference's, and when it crossed
     ``threshold``, e.g. ``"r = 8: final 0.029 (5.8x full)\nbelow 0.1 from step 30"``."""
     steps, values = curves[highlight]
-    name = highlight if isinstance(highlight, str) else f"r = {highlight}"
-    text = f"{name}: final {values[-1]:.3f}"
+    name = tr(highlight) if isinstance(highlight, str) else f"r = {highlight}"
+    text = tr("{name}: final {value:.3f}", name=name, value=values[-1])
     if reference is not None and reference in curves and reference != highlight:
-        text += f" ({values[-1] / curves[reference][1][-1]:.1f}x {reference})"
+        text += tr(" ({ratio:.1f}x {reference})", ratio=values[-1] / curves[reference][1][-1], reference=tr(reference))
     if threshold is not None:
         step = first_below(steps, values, threshold)
-        text += (f"\nbelow {threshold:g} from step {step}" if step is not None
-                 else f"\nnever below {threshold:g} in {int(steps[-1])} steps")
+        text += (tr("\nbelow {threshold:g} from step {step}", threshold=threshold, step=step) if step is not None
+                 else tr("\nnever below {threshold:g} in {steps} steps", threshold=threshold, steps=int(steps[-1])))
     return text
 
 
@@ -105,20 +106,20 @@ def plot_rank_summary(ranks, params, eval_loss, accuracy, full: dict | None = No
             as a point at its parameter count on the right.
     """
     fig, axes = new_figure(ncols=2, nrows=2, width=7.0, height=4.6)
-    series = [(eval_loss, "eval loss", "loss"), (accuracy, "exact match", "accuracy")]
+    series = [(eval_loss, tr("eval loss"), "loss"), (accuracy, tr("exact match"), "accuracy")]
     for row, (values, label, key) in enumerate(series):
         for col, x in enumerate([ranks, params]):
             ax = axes[2 * row + col]
             ax.plot(x, values, "o-", color=COLORS["lora"], label="LoRA")
             if full is not None:
-                ax.axhline(full[key], color=COLORS["full"], ls="--", lw=1, label="full fine-tuning")
+                ax.axhline(full[key], color=COLORS["full"], ls="--", lw=1, label=tr("full fine-tuning"))
                 if col == 1 and "params" in full:
                     ax.plot([full["params"]], [full[key]], "s", color=COLORS["full"])
             ax.set(xscale="log", ylabel=label if col == 0 else None)
             if key == "accuracy":
                 ax.set_ylim(0, 1.05)  # the whole scale: a 0.83-to-1.00 axis would make seed noise look large
             if row == 1:
-                ax.set_xlabel("rank r" if col == 0 else "trainable parameters")
+                ax.set_xlabel(tr("rank r") if col == 0 else tr("trainable parameters"))
     axes[0].set_xticks(list(ranks), [str(r) for r in ranks])
     axes[2].set_xticks(list(ranks), [str(r) for r in ranks])
     axes[0].legend(fontsize=8)
@@ -135,13 +136,13 @@ def plot_targets(results: dict):
     fig, (ax_l, ax_a) = new_figure(ncols=2, width=7.0, height=2.8)
     labels = list(results)
     x = np.arange(len(labels))
-    ticks = [f"{k}\nr = {v['r']}\n{v['params']:,}" for k, v in results.items()]
+    ticks = [f"{tr(k)}\nr = {v['r']}\n{v['params']:,}" for k, v in results.items()]
     budget = max(v["params"] for v in results.values())
     hatch = ["//" if v["params"] < budget else None for v in results.values()]  # under budget: not like for like
     bars_l = ax_l.bar(x, [v["loss"] for v in results.values()], color=COLORS["lora"], hatch=hatch, edgecolor="white")
     bars_a = ax_a.bar(x, [v["accuracy"] for v in results.values()], color=COLORS["lora"], hatch=hatch,
                       edgecolor="white")
-    for ax, name in ((ax_l, "eval loss"), (ax_a, "exact match")):
+    for ax, name in ((ax_l, tr("eval loss")), (ax_a, tr("exact match"))):
         ax.set_xticks(x, ticks, fontsize=8)
         ax.set_ylabel(name)
     return fig, {"loss": bars_l, "accuracy": bars_a}
@@ -152,7 +153,7 @@ def plot_subspace_similarity(phi: np.ndarray, title: str = "φ(A_r=8, A_r=64, i,
     fig, ax = new_figure(width=7.0, height=2.2)
     image = ax.imshow(phi, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="upper",
                       extent=(0.5, phi.shape[1] + 0.5, phi.shape[0] + 0.5, 0.5))
-    ax.set(xlabel="j (top-j directions of the larger rank)", ylabel="i", title=title)
+    ax.set(xlabel=tr("j (top-j directions of the larger rank)"), ylabel="i", title=tr(title))
     fig.colorbar(image, ax=ax, fraction=0.03)
     return fig, {"image": image}
 
@@ -160,9 +161,9 @@ def plot_subspace_similarity(phi: np.ndarray, title: str = "φ(A_r=8, A_r=64, i,
 def plot_live(max_steps: int, ylim=(1e-3, 10.0)):
     """An empty train-loss / eval-loss axes for the Train button's live curve."""
     fig, ax = new_figure(width=6.0, height=3.0)
-    (train,) = ax.plot([], [], color=COLORS["lora"], lw=1, alpha=0.6, label="train loss")
-    (evals,) = ax.plot([], [], "o-", color=COLORS["highlight"], label="eval loss")
-    ax.set(xlim=(0, max_steps), ylim=ylim, yscale="log", xlabel="step", ylabel="loss")
+    (train,) = ax.plot([], [], color=COLORS["lora"], lw=1, alpha=0.6, label=tr("train loss"))
+    (evals,) = ax.plot([], [], "o-", color=COLORS["highlight"], label=tr("eval loss"))
+    ax.set(xlim=(0, max_steps), ylim=ylim, yscale="log", xlabel=tr("step"), ylabel=tr("loss"))
     ax.legend(loc="upper right", fontsize=8)
     return fig, {"train": train, "eval": evals}
 

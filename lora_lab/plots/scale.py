@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ._figure import new_figure
+from ..i18n import tr
 from .memory import UNITS, breakdown_dict, plot_stacked_bars, stacked_bar_data, update_stacked_bars
 
 GPU_SIZES_GB = (24, 48, 80)
@@ -38,7 +39,7 @@ def plot_fit(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: str | None 
     for g in gpu_sizes:
         ax.axhline(g, color="0.4", linestyle="--", linewidth=1)
     right = ax.secondary_yaxis("right")  # GPU sizes as ticks on the right edge: never hidden behind a bar
-    right.set_yticks(list(gpu_sizes), [f"{g:g} GB GPU" for g in gpu_sizes], fontsize=8)
+    right.set_yticks(list(gpu_sizes), [tr("{size:g} GB GPU", size=g) for g in gpu_sizes], fontsize=8)
     return fig, ax, bars
 
 
@@ -55,7 +56,7 @@ def plot_fit_explorer(data, gpu_sizes: Sequence[float] = GPU_SIZES_GB, title: st
     ax.set_ylim(*ylim)
     ticks = [t for t in (1, 4, 16, 64, 256, 1024, 4096) if ylim[0] <= t <= ylim[1]]
     ax.set_yticks(ticks, [f"{t:,}" for t in ticks])
-    ax.set_ylabel(f"memory ({data.unit}, log scale)")
+    ax.set_ylabel(tr("memory ({unit}, log scale)", unit=data.unit))
     labels = [ax.text(i, ylim[0], "", ha="center", va="bottom", fontsize=8) for i in range(len(data.labels))]
     return fig, ax, bars, labels
 
@@ -66,7 +67,7 @@ def update_fit(ax, bars, labels, data) -> None:
     low, top = ax.get_ylim()
     for label, total in zip(labels, data.totals):
         label.set_position((label.get_position()[0], min(max(total, low) * 1.05, top / 1.5)))
-        label.set_text(f"{total:,.1f} GiB" + (" (clipped)" if total > top else ""))
+        label.set_text(f"{total:,.1f} GiB" + (tr(" (clipped)") if total > top else ""))
 
 
 class PaperFigure(NamedTuple):

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Sequence
 
 from IPython.display import Markdown
 
+from ..i18n import tr
+
 PAPER_HEADER = ("", "paper", "measured here")
 
 
@@ -13,7 +15,8 @@ def markdown_table(rows: Iterable[Sequence[object]], header: Sequence[str] = PAP
     """A Markdown table, one line per row; every row has one cell per `header` entry.
 
     Cells are written with `str` (format numbers before passing them, so a notebook controls its digits); a ``|``
-    inside a cell is escaped, so it shows as text instead of splitting the cell.
+    inside a cell is escaped, so it shows as text instead of splitting the cell. The header and each row's first
+    cell (what is compared) are in the language in force (`lora_lab.i18n.tr`); the other cells are as given.
 
     Raises:
         ValueError: a row has a different number of cells than `header`.
@@ -21,12 +24,12 @@ def markdown_table(rows: Iterable[Sequence[object]], header: Sequence[str] = PAP
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    lines = [line(header), "|" + "---|" * len(header)]
+    lines = [line(tr(h) if h else h for h in header), "|" + "---|" * len(header)]
     for i, row in enumerate(rows):
         if len(row) != len(header):
             raise ValueError(f"row {i} has {len(row)} cells but the header has {len(header)}: {row!r}; give every "
                              f"row one cell per column {tuple(header)}.")
-        lines.append(line(row))
+        lines.append(line([tr(row[0]) if isinstance(row[0], str) and row[0] else row[0], *row[1:]]))
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..timeline import TIMELINE_CATEGORIES, StepTimeline
+from ..i18n import tr
 from ._figure import GRAY, new_figure, palette_color
 
 CATEGORY_LABELS = {"frozen_weights": "frozen weights", "trainable_weights": "trainable weights",
@@ -42,11 +43,12 @@ def peak_parts(timeline: StepTimeline) -> tuple[str, str, str]:
     """("peak 12.6 MiB", "at the end of the forward pass", "saved activations 9.7 MiB"): the peak, where it is,
     and its largest category (the start is the peak when no event rose above it)."""
     phase, at_end = timeline.peak_phase()
-    where = "before the step's first event" if phase is None else (
-        f"{'at the end of' if at_end else 'during'} the {PHASE_LABELS[phase]}")
+    where = tr("before the step's first event") if phase is None else tr(
+        "at the end of the {phase}" if at_end else "during the {phase}", phase=tr(PHASE_LABELS[phase]))
     parts = timeline.at_peak()
     biggest = max(parts, key=parts.get)
-    return f"peak {format_bytes(timeline.peak)}", where, f"{CATEGORY_LABELS[biggest]} {format_bytes(parts[biggest])}"
+    return (tr("peak {size}", size=format_bytes(timeline.peak)), where,
+            f"{tr(CATEGORY_LABELS[biggest])} {format_bytes(parts[biggest])}")
 
 
 def peak_sentence(timeline: StepTimeline) -> str:
@@ -86,21 +88,21 @@ def draw_step_timeline(ax, timeline: StepTimeline, unit: str, ymax: float | None
     data = timeline_area_data(timeline, unit)
     ax.clear()
     x = np.arange(data.values.shape[1])
-    ax.stackplot(x, data.values, labels=[CATEGORY_LABELS[c] for c in data.categories],
+    ax.stackplot(x, data.values, labels=[tr(CATEGORY_LABELS[c]) for c in data.categories],
                  colors=[category_color(c) for c in data.categories], step="post", linewidth=0, zorder=2)
     top = ymax if ymax is not None else max(float(data.totals.max()), 1e-9) * 1.25
     for k, (phase, first, last) in enumerate(data.spans):
         if k % 2:
             ax.axvspan(first - 0.5, last + 0.5, color=GRAY, alpha=0.15, linewidth=0, zorder=1)
-        ax.text((first + last) / 2, top * 0.97, PHASE_LABELS[phase].split()[0], ha="center", va="top", fontsize=8)
+        ax.text((first + last) / 2, top * 0.97, tr(PHASE_LABELS[phase].split()[0]), ha="center", va="top", fontsize=8)
     peak = float(data.totals[data.peak_index])
     ax.plot([data.peak_index], [peak], marker="v", color="black", markersize=6, zorder=3)
-    ax.annotate("peak", (data.peak_index, peak), xytext=(0, 5), textcoords="offset points", ha="center",
+    ax.annotate(tr("peak"), (data.peak_index, peak), xytext=(0, 5), textcoords="offset points", ha="center",
                 fontsize=7, zorder=3)
     ax.set_xlim(0, max(len(x) - 1, 1))
     ax.set_ylim(0, top)
-    ax.set_xlabel("events of one step")
-    ax.set_ylabel(f"memory ({unit})")
+    ax.set_xlabel(tr("events of one step"))
+    ax.set_ylabel(tr("memory ({unit})", unit=unit))
     ax.set_title(title or "\n".join(peak_parts(timeline)), fontsize=8)
     if legend:
         ax.legend(fontsize=7, loc="center right")
@@ -139,5 +141,5 @@ def redraw_step_timelines(axes, timelines: Mapping[str, StepTimeline], unit: str
     for ax, (name, timeline) in zip(axes, timelines.items()):
         peak, where, biggest = peak_parts(timeline)
         drawn[name] = draw_step_timeline(ax, timeline, unit, top, legend=False,
-                                         title=f"{name}: {peak}\n{where}\n{biggest}")
+                                         title=f"{tr(name)}: {peak}\n{where}\n{biggest}")
     return drawn

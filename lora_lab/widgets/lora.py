@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipywidgets as widgets
 
 from ..plots import lora as plots
+from ..i18n import tr
 from ._view import FigureView, e2e_slider
 
 
@@ -21,14 +22,15 @@ def rank_explorer(weight, r: int = 8) -> widgets.VBox:
     s = plots.singular_values(weight)
     fig, artists = plots.plot_rank_explorer(s, r, in_features, out_features)
     view = FigureView(fig, animated=[artists["kept"], artists["marker"], artists["text"]])
-    slider = e2e_slider(widgets.IntSlider(value=r, min=1, max=len(s), description="rank r"))
+    slider = e2e_slider(widgets.IntSlider(value=r, min=1, max=len(s), description=tr("rank r")))
     readout = widgets.HTML()
     box = widgets.VBox([slider, readout, view.image])
 
     def show(r_now: int) -> None:
         box.data = plots.update_rank_explorer(artists, r_now)
-        readout.value = (f"r = {r_now}: A+B hold {box.data['lora_params']:,} parameters "
-                         f"({100 * box.data['ratio']:.1f}% of W), relative error {box.data['rel_error']:.3f}")
+        readout.value = tr("r = {r}: A+B hold {params:,} parameters ({percent:.1f}% of W), relative error {error:.3f}",
+                           r=r_now, params=box.data["lora_params"], percent=100 * box.data["ratio"],
+                           error=box.data["rel_error"])
         view.refresh()
 
     slider.observe(lambda change: show(change["new"]), names="value")
@@ -52,7 +54,7 @@ def scaling_explorer(ranks=(1, 2, 4, 8, 16, 32, 64), alpha: float = 16, r: int =
     fig, artists = plots.plot_update_sizes(ranks, alpha, base, r)
     view = FigureView(fig, animated=[*artists["lines"].values(), *artists["markers"].values()])
     alpha_slider = e2e_slider(widgets.FloatLogSlider(value=alpha, base=2, min=0, max=6, step=1, description="α"))
-    rank_slider = e2e_slider(widgets.SelectionSlider(options=ranks, value=r, description="rank r"))
+    rank_slider = e2e_slider(widgets.SelectionSlider(options=ranks, value=r, description=tr("rank r")))
     readout = widgets.HTML()
     box = widgets.VBox([alpha_slider, rank_slider, readout, view.image])
 
@@ -60,7 +62,7 @@ def scaling_explorer(ranks=(1, 2, 4, 8, 16, 32, 64), alpha: float = 16, r: int =
         a, r_now = alpha_slider.value, rank_slider.value
         box.sizes = plots.update_update_sizes(artists, a, r_now)
         factors = ", ".join(f"{name}: {fn(a, r_now):.3g}" for name, fn in plots.SCALINGS.items())
-        readout.value = f"scaling at α = {a:g}, r = {r_now} → {factors}"
+        readout.value = tr("scaling at α = {alpha:g}, r = {r} → {factors}", alpha=a, r=r_now, factors=factors)
         view.refresh()
 
     alpha_slider.observe(show, names="value")

@@ -21,6 +21,7 @@ from ..plots.memory import breakdown_dict, plot_dashboard, plot_fixed_bars, stac
 from ..plots.timeline import draw_step_timeline, human_unit, peak_parts, peak_sentence
 from ..timeline import StepTimeline, TimelineRecorder
 from ..train import measure, prepare_model
+from ..i18n import tr
 from ._view import FigureView, e2e_slider
 
 GridKey = tuple[int, int, int]  # (r, batch_size, seq_len)
@@ -200,7 +201,8 @@ class MemoryDashboard:
             method, step, timeline = self.timeline
             peak, where, biggest = peak_parts(timeline)
             draw_step_timeline(self.ax_step, timeline, human_unit(timeline.peak)[0], legend=False,
-                               title=f"{method}, inside step {step}: {peak}\n{where}: {biggest}")
+                               title=tr("{method}, inside step {step}: {peak}\n{where}: {biggest}", method=tr(method),
+                                        step=step, peak=peak, where=where, biggest=biggest))
             self._drawn_timeline = self.timeline
         self.image.value = to_png(self.figure)
         self.readout.value = self._readout_html(data)
@@ -211,11 +213,11 @@ class MemoryDashboard:
         self.redraw()
 
     def _readout_html(self, data) -> str:
-        rows = [f"{m}: {t:,.2f} {self.unit}" for m, t in zip(data.labels, data.totals)]
+        rows = [f"{tr(m)}: {t:,.2f} {self.unit}" for m, t in zip(data.labels, data.totals)]
         for m, c in self.cuda.items():
             rows.append(f"{m} (CUDA): allocated {c.get('allocated', 0) / 2**20:,.1f} MiB, "
                         f"peak {c.get('peak', 0) / 2**20:,.1f} MiB")
         if self.timeline is not None:
             method, step, timeline = self.timeline
-            rows.append(f"{method}, step {step}: {peak_sentence(timeline)}")
+            rows.append(tr("{method}, step {step}: {peak}", method=tr(method), step=step, peak=peak_sentence(timeline)))
         return "<br>".join(rows)

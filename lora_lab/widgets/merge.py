@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..plots.merge import erasure, erasure_ratio, histogram, plot_erasure_histogram, update_erasure_histogram
+from ..i18n import tr
 from ._view import FigureView, e2e_slider
 
 BINS = np.linspace(-3.0, 2.0, 51)  # log10(|ΔW| / threshold): from 1/1000 of the threshold to 100x it
@@ -38,7 +39,7 @@ def requant_explorer(table: Mapping[int, dict]) -> widgets.VBox:
     if not table:
         raise ValueError("the table is empty; build it with erasure_table({step: (weight, delta)}, ...).")
     steps = sorted(table)
-    slider = e2e_slider(widgets.SelectionSlider(options=steps, value=steps[0], description="step",
+    slider = e2e_slider(widgets.SelectionSlider(options=steps, value=steps[0], description=tr("step"),
                                                 continuous_update=False))
     fig, bars = plot_erasure_histogram([table[s]["hist"] for s in steps], BINS)
     view = FigureView(fig, animated=list(bars))
@@ -50,8 +51,9 @@ def requant_explorer(table: Mapping[int, dict]) -> widgets.VBox:
         update_erasure_histogram(bars, box.current["hist"])
         view.refresh()  # fixed axes: only the bars are redrawn (blitting)
         s = box.current["summary"]
-        readout.value = (f"step {slider.value}: {s.erased:.1%} of ΔW's entries erased by requantization "
-                         f"(half-gap rule predicts {s.predicted:.1%}); {s.kept:.1%} of the update kept")
+        readout.value = tr("step {step}: {erased:.1%} of ΔW's entries erased by requantization (half-gap rule "
+                           "predicts {predicted:.1%}); {kept:.1%} of the update kept", step=slider.value,
+                           erased=s.erased, predicted=s.predicted, kept=s.kept)
 
     slider.observe(redraw, names="value")
     box.slider, box.figure, box.bars, box.image, box.readout, box.view = slider, fig, bars, image, readout, view

@@ -7,6 +7,7 @@ import torch
 
 from ..nf4 import NF4_OFFSET
 from ..plots import quant as plots
+from ..i18n import tr
 from ._view import FigureView, e2e_slider
 
 
@@ -27,7 +28,7 @@ def offset_explorer(codebook_fn, reference: torch.Tensor, offset: float = NF4_OF
     # A fixed list of offsets (with bitsandbytes' value on it exactly), so a frontend never snaps the
     # starting value to a slider step and each step moves the levels visibly.
     options = sorted({round(0.9 + 0.005 * i, 3) for i in range(20)} | {0.995, 0.999, offset})
-    slider = e2e_slider(widgets.SelectionSlider(options=options, value=offset, description="offset"))
+    slider = e2e_slider(widgets.SelectionSlider(options=options, value=offset, description=tr("offset")))
     readout = widgets.HTML()
     box = widgets.VBox([slider, readout, view.image])
 
@@ -36,8 +37,8 @@ def offset_explorer(codebook_fn, reference: torch.Tensor, offset: float = NF4_OF
         plots.update_codebook(artists, box.levels)
         z = float(torch.special.ndtri(torch.tensor(value, dtype=torch.float64)))
         gap = float((box.levels.double() - reference.double()).abs().max())
-        readout.value = (f"offset {value:.4f}: outermost quantile at z = {z:.3f} σ (scaled to ±1); "
-                         f"largest distance to bitsandbytes' levels {gap:.4f}")
+        readout.value = tr("offset {offset:.4f}: outermost quantile at z = {z:.3f} σ (scaled to ±1); largest "
+                           "distance to bitsandbytes' levels {gap:.4f}", offset=value, z=z, gap=gap)
         view.refresh()
 
     slider.observe(lambda change: show(change["new"]), names="value")
@@ -67,9 +68,9 @@ def error_explorer(grid: dict, sample: str | None = None, quantizer: str | None 
         raise ValueError(f"{key} is not in the grid; pick from {samples}, {quantizers}, {blocksizes}.")
     fig, artists = plots.plot_error_explorer(grid, key)
     view = FigureView(fig, animated=[artists["hist"], artists["label"]])
-    sample_dd = widgets.Dropdown(options=samples, value=key[0], description="weights")
-    quant_dd = widgets.Dropdown(options=quantizers, value=key[1], description="quantizer")
-    bs_slider = e2e_slider(widgets.SelectionSlider(options=blocksizes, value=key[2], description="blocksize"))
+    sample_dd = widgets.Dropdown(options=samples, value=key[0], description=tr("weights"))
+    quant_dd = widgets.Dropdown(options=quantizers, value=key[1], description=tr("quantizer"))
+    bs_slider = e2e_slider(widgets.SelectionSlider(options=blocksizes, value=key[2], description=tr("blocksize")))
     table = widgets.HTML()
     box = widgets.VBox([widgets.HBox([sample_dd, quant_dd]), bs_slider, widgets.HBox([view.image, table])])
 

@@ -7,6 +7,7 @@ import html
 import ipywidgets as widgets
 
 from ..plots import rank as plots
+from ..i18n import tr
 from ._view import FigureView, e2e_slider
 
 
@@ -30,7 +31,7 @@ def curve_explorer(curves: dict, highlight=None, reference: str | None = "full",
     highlight = options[0] if highlight is None else highlight
     fig, artists = plots.plot_loss_curves(curves, highlight, reference, ylabel, threshold)
     view = FigureView(fig, animated=[artists["line"], artists["text"]])
-    slider = e2e_slider(widgets.SelectionSlider(options=options, value=highlight, description="rank r"))
+    slider = e2e_slider(widgets.SelectionSlider(options=options, value=highlight, description=tr("rank r")))
     box = widgets.VBox([slider, view.image])
 
     def show(label) -> None:
@@ -59,12 +60,12 @@ def train_panel(train_fn, ranks=(1, 2, 4, 8, 16, 32, 64), r: int = 8, alpha: flo
     """
     fig, artists = plots.plot_live(max_steps)
     view = FigureView(fig, animated=[artists["train"], artists["eval"]])
-    rank_dd = widgets.Dropdown(options=list(ranks), value=r, description="rank r")
+    rank_dd = widgets.Dropdown(options=list(ranks), value=r, description=tr("rank r"))
     alpha_slider = widgets.FloatLogSlider(value=alpha, base=2, min=0, max=7, step=1, description="α",
                                           continuous_update=False)
-    button = widgets.Button(description="Train", button_style="primary", icon="play")
-    progress = widgets.IntProgress(value=0, min=0, max=max_steps, description="steps")
-    status = widgets.HTML("Pick a rank and α, then press Train.")
+    button = widgets.Button(description=tr("Train"), button_style="primary", icon="play")
+    progress = widgets.IntProgress(value=0, min=0, max=max_steps, description=tr("steps"))
+    status = widgets.HTML(tr("Pick a rank and α, then press Train."))
     box = widgets.VBox([widgets.HBox([rank_dd, alpha_slider, button]), progress, status, view.image])
     box.history = None
 
@@ -76,21 +77,21 @@ def train_panel(train_fn, ranks=(1, 2, 4, 8, 16, 32, 64), r: int = 8, alpha: flo
 
     def run(_=None) -> None:
         button.disabled = True
-        status.value = f"training r = {rank_dd.value}, α = {alpha_slider.value:g} ..."
+        status.value = tr("training r = {r}, α = {alpha:g} ...", r=rank_dd.value, alpha=alpha_slider.value)
         try:
             box.history = train_fn(rank_dd.value, alpha_slider.value, on_step)
         except Exception as err:  # shown where the user is looking; a widget callback's traceback goes to a log
             box.history = None
-            status.value = (f"<b>training r = {rank_dd.value}, α = {alpha_slider.value:g} failed</b>: "
-                            f"{html.escape(f'{type(err).__name__}: {err}')}")
+            status.value = (tr("<b>training r = {r}, α = {alpha:g} failed</b>: ", r=rank_dd.value,
+                               alpha=alpha_slider.value) + html.escape(f"{type(err).__name__}: {err}"))
             return
         finally:
             button.disabled = False
         plots.update_live(artists, box.history)
         view.refresh()
         final = box.history.eval_loss[-1] if box.history.eval_loss else float("nan")
-        status.value = (f"r = {rank_dd.value}, α = {alpha_slider.value:g}: {box.history.steps} steps, "
-                        f"final eval loss {final:.3f}")
+        status.value = tr("r = {r}, α = {alpha:g}: {steps} steps, final eval loss {final:.3f}", r=rank_dd.value,
+                          alpha=alpha_slider.value, steps=box.history.steps, final=final)
 
     button.on_click(run)
     box.rank, box.alpha, box.button, box.progress, box.status, box.view, box.artists = (

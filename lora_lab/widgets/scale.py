@@ -14,6 +14,7 @@ import ipywidgets as widgets
 from ..estimator import EstimateCache, EstimateGrid
 from ..plots.scale import (GPU_SIZES_GB, LLAMA_LINEAR_NAMES, QV, estimate_bars_data, fits_on, plot_fit_explorer,
                            update_fit)
+from ..i18n import tr
 from ._view import FigureView, e2e_slider
 
 TARGETS = {"q_proj, v_proj": QV, "all linear": LLAMA_LINEAR_NAMES}
@@ -24,15 +25,15 @@ SEQ_LENS = (128, 256, 512, 1024, 2048)  # every preset has at least 2048 positio
 
 def _controls(presets, optimizers):
     c = {
-        "preset": widgets.Dropdown(options=list(presets), description="model"),
+        "preset": widgets.Dropdown(options=list(presets), description=tr("model")),
         "r": widgets.SelectionSlider(options=RANKS, value=8, description="r", continuous_update=False),
-        "target_modules": widgets.Dropdown(options=list(TARGETS), description="targets"),
+        "target_modules": widgets.Dropdown(options=list(TARGETS), description=tr("targets")),
         "batch_size": widgets.SelectionSlider(options=BATCH_SIZES, value=1, description="batch_size",
                                               continuous_update=False),
         "seq_len": widgets.SelectionSlider(options=SEQ_LENS, value=512, description="seq_len",
                                            continuous_update=False),
-        "gradient_checkpointing": widgets.Checkbox(value=True, description="gradient checkpointing"),
-        "optimizer": widgets.Dropdown(options=list(optimizers), description="optimizer"),
+        "gradient_checkpointing": widgets.Checkbox(value=True, description=tr("gradient checkpointing")),
+        "optimizer": widgets.Dropdown(options=list(optimizers), description=tr("optimizer")),
     }
     for name in ("r", "batch_size", "seq_len"):
         e2e_slider(c[name])
@@ -82,8 +83,8 @@ def fit_explorer(estimate: Callable[..., object], presets: Sequence[str],
         update_fit(ax, bars, labels, box.current)
         view.refresh()
         readout.value = "<br>".join(
-            f"<b>{m}</b>: {t:,.1f} GiB &rarr; fits on: "
-            f"{', '.join(f'{g:g} GB' for g in fits_on(t * 2**30, gpu_sizes)) or 'none of these GPUs'}"
+            tr("<b>{method}</b>: {total:,.1f} GiB &rarr; fits on: {gpus}", method=tr(m), total=t,
+               gpus=", ".join(f"{g:g} GB" for g in fits_on(t * 2**30, gpu_sizes)) or tr("none of these GPUs"))
             for m, t in zip(box.current.labels, box.current.totals))
 
     box.controls, box.figure, box.bars, box.image, box.readout, box.estimate = controls, fig, bars, image, readout, est

@@ -15,6 +15,7 @@ from ..lora import LoraConfig
 from ..plots.timeline import common_unit, peak_sentence, plot_step_timelines, redraw_step_timelines
 from ..timeline import StepTimeline, record_step
 from ..train import prepare_model
+from ..i18n import tr
 from ._view import FigureView, e2e_slider
 
 CHECKPOINTING = ("off", "on")  # the control's two positions
@@ -55,7 +56,7 @@ def timeline_explorer(timelines: Mapping[tuple[str, bool], StepTimeline]) -> wid
                          "Record them with record_timelines(...).")
     unit, top = common_unit(timelines)
     slider = e2e_slider(widgets.SelectionSlider(options=CHECKPOINTING, value="off",
-                                                description="gradient checkpointing",
+                                                description=tr("gradient checkpointing"),
                                                 style={"description_width": "initial"}, continuous_update=False))
     first = {m: timelines[(m, False)] for m in methods}
     fig, axes, _ = plot_step_timelines(first, unit=unit)
@@ -70,7 +71,7 @@ def timeline_explorer(timelines: Mapping[tuple[str, bool], StepTimeline]) -> wid
         box.current = {m: timelines[(m, checkpointing)] for m in methods}
         redraw_step_timelines(axes, box.current, unit, top)
         view.refresh()
-        readout.value = "<br>".join(f"<b>{m}</b>: {peak_sentence(t)}" for m, t in box.current.items())
+        readout.value = "<br>".join(f"<b>{tr(m)}</b>: {peak_sentence(t)}" for m, t in box.current.items())
 
     slider.observe(redraw, names="value")
     box.slider, box.figure, box.axes, box.image, box.readout, box.view = slider, fig, axes, view.image, readout, view

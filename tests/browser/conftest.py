@@ -255,6 +255,7 @@ def notebook_tab(request, browser_context, lab_server, frontend):
     page.set_default_timeout(60_000)
     tab = NotebookTab(page, lab_server.url, lab_server.token, frontend)
     tab.slider_moves = []
+    tab.extra_artifacts = {}  # file name -> bytes a test wants kept if it fails (test_korean.py's figure)
     try:
         yield tab
     finally:
@@ -280,5 +281,7 @@ def _save_artifacts(test_name: str, tab, server: LabServer) -> None:
         for when, shots in (("before", move.figures_before), ("after", move.figures_after)):
             for j, png in enumerate(shots):
                 (out / f"slider{i}-{when}-figure{j}.png").write_bytes(png)
+    for name, data in getattr(tab, "extra_artifacts", {}).items():
+        (out / name).write_bytes(data)
     if server.log.exists():
         shutil.copy(server.log, out / "jupyter-server.log")
