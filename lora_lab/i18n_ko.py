@@ -180,8 +180,8 @@ KO = {
         "코퍼스 손실 +{rise:.2f} nats, 복사 완전 일치율 {copy:.2f}, {intruders}",
     "forgot: corpus loss rise (nats)": "잊은 것: 코퍼스 손실 상승 (nats)",
     "learned: task exact match": "배운 것: 과제 완전 일치율",
-    "singular vector of the tuned W (1 = largest)": "튜닝한 W의 특이 벡터 (1 = 가장 큼)",
-    "max |cos| with W0's": "W0의 특이 벡터와의 최대 |cos|",
+    "singular vector of the tuned W (1 = largest)": "튜닝한 W의 특이벡터 (1 = 가장 큼)",
+    "max |cos| with W0's": "W0의 특이벡터와의 최대 |cos|",
     "λ = {lam:g}: task exact match {task:.2f}, copy exact match {copy:.2f}, corpus loss +{rise:.2f}":
         "λ = {lam:g}: 과제 완전 일치율 {task:.2f}, 복사 완전 일치율 {copy:.2f}, 코퍼스 손실 +{rise:.2f}",
     "task (learned)": "과제 (배운 것)",

@@ -72,7 +72,7 @@ def test_in_korean_the_axes_legend_and_readout_are_korean_with_the_same_numbers(
     fig, artists = plot_learn_forget(ROWS, ROWS[1])
     ax, ax_s = fig.axes
     assert ax.get_xlabel() == "잊은 것: 코퍼스 손실 상승 (nats)"
-    assert ax_s.get_xlabel().startswith("튜닝한 W의 특이 벡터")
+    assert ax_s.get_xlabel().startswith("튜닝한 W의 특이벡터")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["전체", "r = 4", "r = 16"]
     assert artists["text"].get_text() == ("전체, 학습률 0.001: 과제 완전 일치율 1.00\n"
                                           "코퍼스 손실 +0.50 nats, 복사 완전 일치율 0.90, 침입 차원 2개")
