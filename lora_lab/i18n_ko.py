@@ -170,6 +170,51 @@ KO = {
     'merge into 4-bit "may get different generations"': '4비트로 병합하면 "생성 결과가 달라질 수 있음"',
     "merging into W16 adds q = W16 − dequant(W4)": "W16에 병합하면 q = W16 − dequant(W4)가 더해짐",
     "requantization erases small ΔW": "재양자화는 작은 ΔW를 지움",
+    # notebook 07 (plots.forgetting, widgets.forgetting)
+    " (diverged)": " (발산)",
+    "{n} intruder": "침입 차원 {n}개",
+    "{n} intruders": "침입 차원 {n}개",
+    "{label}, lr {lr:g}{stopped}: task exact match {task:.2f}\ncorpus loss +{rise:.2f} nats, copy exact match "
+    "{copy:.2f}, {intruders}":
+        "{label}, 학습률 {lr:g}{stopped}: 과제 완전 일치율 {task:.2f}\n"
+        "코퍼스 손실 +{rise:.2f} nats, 복사 완전 일치율 {copy:.2f}, {intruders}",
+    "forgot: corpus loss rise (nats)": "잊은 것: 코퍼스 손실 상승 (nats)",
+    "learned: task exact match": "배운 것: 과제 완전 일치율",
+    "singular vector of the tuned W (1 = largest)": "튜닝한 W의 특이벡터 (1 = 가장 큼)",
+    "max |cos| with W0's": "W0의 특이벡터와의 최대 |cos|",
+    "λ = {lam:g}: task exact match {task:.2f}, copy exact match {copy:.2f}, corpus loss +{rise:.2f}":
+        "λ = {lam:g}: 과제 완전 일치율 {task:.2f}, 복사 완전 일치율 {copy:.2f}, 코퍼스 손실 +{rise:.2f}",
+    "task (learned)": "과제 (배운 것)",
+    "copy (kept)": "복사 (지킨 것)",
+    "mitigation_lambda λ (share of each intruder kept)": "mitigation_lambda λ (침입 차원마다 남기는 비율)",
+    "method": "방법",
+    "lr": "학습률",
+    # notebook 08 (plots.variants, widgets.variants) and the variants' names it passes in
+    "logit {name} vs 16-bit": "16비트 대비 로짓 {name}",
+    "{name}: {ratio:.2f}x {reference}": "{name}: {reference}의 {ratio:.2f}배",
+    "full fine-tuning (16-bit)": "전체 파인튜닝 (16비트)",
+    "layer": "레이어",
+    "LoftQ": "LoftQ",
+    "PiSSA": "PiSSA",
+    "QDoRA": "QDoRA",
+    "DoRA": "DoRA",
+    "LoftQ + callback": "LoftQ + 콜백",
+    "full FT": "전체 FT",
+    # notebook 07's closing table
+    "LoRA learns less than full FT": "LoRA는 전체 FT보다 덜 배운다",
+    "LoRA forgets less than full FT": "LoRA는 전체 FT보다 덜 잊는다",
+    "full FT at a small lr vs LoRA": "작은 학습률의 전체 FT 대 LoRA",
+    "LoRA needs ~10x full FT's lr": "LoRA는 전체 FT의 약 10배 학습률이 필요하다",
+    "intruder dimensions: LoRA, not full FT": "침입 차원: LoRA에는 있고 전체 FT에는 없다",
+    "mitigation trades task for base": "완화는 과제를 내주고 기본 능력을 되찾는다",
+    # notebook 08's closing table
+    "logit MAE, QLoRA → LoftQ": "로짓 MAE, QLoRA → LoftQ",
+    "logit MSE, QLoRA → LoftQ": "로짓 MSE, QLoRA → LoftQ",
+    "LoftQ with the logit callback": "로짓 콜백을 쓴 LoftQ",
+    "ΔM–ΔD correlation, full fine-tuning": "ΔM–ΔD 상관관계, 전체 파인튜닝",
+    "ΔM–ΔD correlation, LoRA": "ΔM–ΔD 상관관계, LoRA",
+    "ΔM–ΔD correlation, DoRA": "ΔM–ΔD 상관관계, DoRA",
+    "PiSSA converges faster than LoRA": "PiSSA는 LoRA보다 빨리 수렴한다",
     # widgets
     "r = {r}: A+B hold {params:,} parameters ({percent:.1f}% of W), relative error {error:.3f}":
         "r = {r}: A+B의 파라미터 {params:,}개 (W의 {percent:.1f}%), 상대 오차 {error:.3f}",

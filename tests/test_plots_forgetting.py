@@ -54,3 +54,34 @@ def test_mitigation_marks_the_chosen_lambda():
     assert artists["text"].get_text().startswith("λ = 0.5: task exact match 0.50")
     with pytest.raises(KeyError):
         update_mitigation(artists, 0.25)  # only computed values: the slider picks, it does not interpolate
+
+
+@pytest.fixture
+def korean():
+    from lora_lab import i18n
+    i18n.set_language("ko")
+    yield
+    i18n.set_language(None)
+    i18n.apply_font()  # back to the English figures' font for the tests after this one
+
+
+def test_in_korean_the_axes_legend_and_readout_are_korean_with_the_same_numbers(korean):
+    import warnings
+
+    from lora_lab.i18n import missing_translations
+    fig, artists = plot_learn_forget(ROWS, ROWS[1])
+    ax, ax_s = fig.axes
+    assert ax.get_xlabel() == "잊은 것: 코퍼스 손실 상승 (nats)"
+    assert ax_s.get_xlabel().startswith("튜닝한 W의 특이벡터")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["전체", "r = 4", "r = 16"]
+    assert artists["text"].get_text() == ("전체, 학습률 0.001: 과제 완전 일치율 1.00\n"
+                                          "코퍼스 손실 +0.50 nats, 복사 완전 일치율 0.90, 침입 차원 2개")
+    _, mitigation = plot_mitigation([{"lambda": 0.5, "task_accuracy": 0.5, "copy_accuracy": 0.25,
+                                      "corpus_loss_rise": 0.125}], 0.5)
+    readout = "λ = 0.5: 과제 완전 일치율 0.50, 복사 완전 일치율 0.25, 코퍼스 손실 +0.12"
+    assert mitigation["text"].get_text() == readout
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.canvas.draw()
+    assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
+    assert missing_translations() == set()

@@ -59,3 +59,35 @@ def test_the_magnitude_direction_panels_fit_every_point():
 def test_a_slope_needs_two_different_directions():
     with pytest.raises(ValueError, match="two points"):
         plots.fit_slope([(10, 1.0, 2.0), (20, 3.0, 2.0)])
+
+
+@pytest.fixture
+def korean():
+    from lora_lab import i18n
+    i18n.set_language("ko")
+    yield
+    i18n.set_language(None)
+    i18n.apply_font()  # back to the English figures' font for the tests after this one
+
+
+def test_in_korean_the_labels_and_readout_are_korean_with_the_same_numbers(korean):
+    import warnings
+
+    from lora_lab.i18n import missing_translations
+    fig, art = plots.plot_error_sweep(SWEEP, 4)
+    ax_line, ax_bar = fig.axes
+    assert ax_line.get_xlabel() == "랭크 r" and ax_line.get_ylabel() == "16비트 대비 로짓 MAE"
+    assert art["text"].get_text() == "r = 4\nLoftQ: QLoRA의 0.25배"
+    fig_s, _ = plots.plot_starting_errors(ERRORS)
+    assert [t.get_text() for t in fig_s.axes[0].get_xticklabels()] == ["QLoRA", "LoftQ", "LoftQ + 콜백"]
+    assert fig_s.axes[1].get_ylabel() == "16비트 대비 로짓 MSE"
+    runs = {"full": History(eval_steps=[0, 5], eval_loss=[2.0, 0.5])}
+    fig_t, _ = plots.plot_training_curves(runs)
+    assert [t.get_text() for t in fig_t.axes[0].get_legend().get_texts()] == ["전체 파인튜닝 (16비트)"]
+    assert fig_t.axes[0].get_ylabel() == "평가 손실"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for f in (fig, fig_s, fig_t):
+            f.canvas.draw()
+    assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
+    assert missing_translations() == set()

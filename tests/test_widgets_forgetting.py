@@ -46,3 +46,18 @@ def test_mitigation_slider_picks_lambda():
     assert E2E_CLASS in box.slider._dom_classes
     with pytest.raises(ValueError, match="empty"):
         mitigation_explorer([])
+
+
+def test_in_korean_the_sliders_show_korean_labels_and_keep_the_runs_values():
+    from lora_lab import i18n
+    i18n.set_language("ko")
+    try:
+        box = forgetting_explorer(ROWS)
+        assert box.method.description == "방법" and box.lr.description == "학습률"
+        assert [label for label, _ in box.method.options] == ["전체", "r = 4"]  # what the student reads
+        box.method.value = "r = 4"  # the value the notebook passes stays the run's label
+        assert box.current is ROWS[2] and "r = 4, 학습률 0.001" in box.artists["text"].get_text()
+        assert i18n.missing_translations() == set()
+    finally:
+        i18n.set_language(None)
+        i18n.apply_font()

@@ -27,3 +27,16 @@ def test_a_rank_outside_the_sweep_or_an_empty_sweep_is_refused():
         widgets.error_explorer(SWEEP, r=4)
     with pytest.raises(ValueError, match="empty"):
         widgets.error_explorer({})
+
+
+def test_in_korean_the_slider_is_labelled_in_korean_and_picks_the_same_ranks():
+    from lora_lab import i18n
+    i18n.set_language("ko")
+    try:
+        box = widgets.error_explorer(SWEEP, r=8)
+        assert box.slider.description == "랭크 r" and list(box.slider.options) == [1, 8, 64]
+        assert box.artists["text"].get_text().splitlines()[1] == "PiSSA: QLoRA의 0.10배"  # (0.1 / 8) / 0.12
+        assert i18n.missing_translations() == set()
+    finally:
+        i18n.set_language(None)
+        i18n.apply_font()

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..i18n import tr
 from ._figure import COLORS, new_figure, palette_color
 
 
 def run_label(row: dict) -> str:
     """``"full"`` or ``"r = 4"``: the method-and-rank a sweep row belongs to."""
     return "full" if row["method"] == "full" else f"r = {row['r']}"
+
+
+def shown_label(label: str) -> str:
+    """A `run_label` as a student reads it: ``"full"`` in the language in force, a rank as it is."""
+    return tr("full") if label == "full" else label
 
 
 def series(rows) -> dict[str, list[dict]]:
@@ -26,10 +32,12 @@ def series(rows) -> dict[str, list[dict]]:
 
 def run_readout(row: dict) -> str:
     """Two lines for the highlighted run: what it learned, what it forgot, its intruders."""
-    stopped = " (diverged)" if row.get("stopped") else ""
-    return (f"{run_label(row)}, lr {row['lr']:g}{stopped}: task exact match {row['task_accuracy']:.2f}\n"
-            f"corpus loss +{row['corpus_loss_rise']:.2f} nats, copy exact match {row['copy_accuracy']:.2f}, "
-            f"{row['intruders']} intruder{'' if row['intruders'] == 1 else 's'}")
+    stopped = tr(" (diverged)") if row.get("stopped") else ""
+    intruders = tr("{n} intruder" if row["intruders"] == 1 else "{n} intruders", n=row["intruders"])
+    return tr("{label}, lr {lr:g}{stopped}: task exact match {task:.2f}\n"
+              "corpus loss +{rise:.2f} nats, copy exact match {copy:.2f}, {intruders}",
+              label=shown_label(run_label(row)), lr=row["lr"], stopped=stopped, task=row["task_accuracy"],
+              rise=row["corpus_loss_rise"], copy=row["copy_accuracy"], intruders=intruders)
 
 
 def _cosine_points(row: dict, top_k: int) -> np.ndarray:
@@ -52,15 +60,16 @@ def plot_learn_forget(rows, highlight: dict, threshold_epsilon: float = 0.5, top
     for i, (label, group) in enumerate(groups.items()):
         color = COLORS["full"] if label == "full" else palette_color(i)
         x = [g["corpus_loss_rise"] for g in group]
-        ax.plot(x, [g["task_accuracy"] for g in group], "o-", color=color, lw=1, ms=4, label=label)
+        ax.plot(x, [g["task_accuracy"] for g in group], "o-", color=color, lw=1, ms=4, label=shown_label(label))
     (point,) = ax.plot([], [], "o", ms=11, mfc="none", mew=2, color=COLORS["highlight"])
     rises = [r["corpus_loss_rise"] for r in rows]
-    ax.set(xlabel="forgot: corpus loss rise (nats)", ylabel="learned: task exact match", ylim=(-0.05, 1.3),
+    ax.set(xlabel=tr("forgot: corpus loss rise (nats)"), ylabel=tr("learned: task exact match"), ylim=(-0.05, 1.3),
            yticks=np.linspace(0, 1, 6), xlim=(min(0.0, min(rises)) - 0.1, max(rises) * 1.05 + 0.1))  # room: readout
     ax.legend(fontsize=8, loc="lower right")
     text = ax.text(0.02, 0.98, "", transform=ax.transAxes, ha="left", va="top", fontsize=8)
     ax_s.axhline(threshold_epsilon, color="0.4", ls=":", lw=1)
-    ax_s.set(xlabel="singular vector of the tuned W (1 = largest)", ylabel="max |cos| with W0's", ylim=(0, 1.05),
+    ax_s.set(xlabel=tr("singular vector of the tuned W (1 = largest)"), ylabel=tr("max |cos| with W0's"),
+             ylim=(0, 1.05),
              xlim=(0.4, top_k + 0.6), xticks=range(1, top_k + 1))
     dots = ax_s.scatter([], [], s=12)
     artists = {"point": point, "text": text, "dots": dots, "epsilon": threshold_epsilon, "top_k": top_k}
@@ -80,8 +89,8 @@ def update_learn_forget(artists: dict, row: dict) -> None:
 
 def mitigation_readout(row: dict) -> str:
     """One line for the chosen λ."""
-    return (f"λ = {row['lambda']:g}: task exact match {row['task_accuracy']:.2f}, copy exact match "
-            f"{row['copy_accuracy']:.2f}, corpus loss +{row['corpus_loss_rise']:.2f}")
+    return tr("λ = {lam:g}: task exact match {task:.2f}, copy exact match {copy:.2f}, corpus loss +{rise:.2f}",
+              lam=row["lambda"], task=row["task_accuracy"], copy=row["copy_accuracy"], rise=row["corpus_loss_rise"])
 
 
 def plot_mitigation(rows, highlight: float):
@@ -89,9 +98,10 @@ def plot_mitigation(rows, highlight: float):
     the chosen λ marked; λ = 1 is the adapter as trained."""
     fig, ax = new_figure(width=7.0, height=3.0)
     lambdas = [r["lambda"] for r in rows]
-    ax.plot(lambdas, [r["task_accuracy"] for r in rows], "o-", color=COLORS["lora"], label="task (learned)")
-    ax.plot(lambdas, [r["copy_accuracy"] for r in rows], "s-", color=COLORS["full"], label="copy (kept)")
-    ax.set(xlabel="mitigation_lambda λ (share of each intruder kept)", ylabel="exact match", ylim=(-0.05, 1.1))
+    ax.plot(lambdas, [r["task_accuracy"] for r in rows], "o-", color=COLORS["lora"], label=tr("task (learned)"))
+    ax.plot(lambdas, [r["copy_accuracy"] for r in rows], "s-", color=COLORS["full"], label=tr("copy (kept)"))
+    ax.set(xlabel=tr("mitigation_lambda λ (share of each intruder kept)"), ylabel=tr("exact match"),
+           ylim=(-0.05, 1.1))
     ax.legend(fontsize=8, loc="center right")
     line = ax.axvline(lambdas[0], color=COLORS["highlight"], lw=2, alpha=0.6)
     text = ax.text(0.02, 0.98, "", transform=ax.transAxes, ha="left", va="top", fontsize=9)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..i18n import tr
 from ..variants import VARIANTS
 from ._figure import COLORS, new_figure, palette_color
 
@@ -34,11 +35,11 @@ def plot_starting_errors(errors: dict):
     labels = list(errors)
     x = np.arange(len(labels))
     bars = {}
-    for ax, key, name in ((axes[0], "mae", "logit MAE"), (axes[1], "mse", "logit MSE")):
+    for ax, key, name in ((axes[0], "mae", "MAE"), (axes[1], "mse", "MSE")):
         values = [getattr(errors[k], key) for k in labels]
         bars[key] = ax.bar(x, values, color=[variant_color(k, labels) for k in labels])
-        ax.set_xticks(x, labels, fontsize=8, rotation=20)
-        ax.set(ylabel=f"{name} vs 16-bit", ylim=(0, max(values) * 1.15))
+        ax.set_xticks(x, [tr(k) for k in labels], fontsize=8, rotation=20)
+        ax.set(ylabel=tr("logit {name} vs 16-bit", name=name), ylim=(0, max(values) * 1.15))
     return fig, {"bars": bars}
 
 
@@ -53,15 +54,16 @@ def plot_error_sweep(sweep: dict, r):
     labels = list(sweep[ranks[0]])
     for label in labels:
         ax_line.plot(ranks, [sweep[k][label].mae for k in ranks], "o-", color=variant_color(label, labels),
-                     label=label, ms=4)
+                     label=tr(label), ms=4)
     top = max(e.mae for row in sweep.values() for e in row.values()) * 1.15
-    ax_line.set(xscale="log", xlabel="rank r", ylabel="logit MAE vs 16-bit", ylim=(0, top))
+    ax_line.set(xscale="log", xlabel=tr("rank r"), ylabel=tr("logit {name} vs 16-bit", name="MAE"),
+                ylim=(0, top))
     ax_line.set_xticks(ranks, [str(k) for k in ranks])
     ax_line.legend(fontsize=8, loc="lower left")
     marker = ax_line.axvline(ranks[0], color="k", lw=1, ls=":")
     x = np.arange(len(labels))
     bars = ax_bar.bar(x, [0.0] * len(labels), color=[variant_color(k, labels) for k in labels])
-    ax_bar.set_xticks(x, labels, fontsize=8)
+    ax_bar.set_xticks(x, [tr(k) for k in labels], fontsize=8)
     ax_bar.set(ylim=(0, top))
     text = ax_bar.text(0.97, 0.95, "", transform=ax_bar.transAxes, ha="right", va="top", fontsize=9)
     artists = {"sweep": sweep, "marker": marker, "bars": bars, "text": text, "labels": labels}
@@ -80,7 +82,8 @@ def update_error_sweep(artists: dict, r) -> dict:
     for bar, label in zip(artists["bars"], artists["labels"]):
         bar.set_height(row[label].mae)
     first = artists["labels"][0]
-    lines = [f"r = {r}"] + [f"{k}: {row[k].mae / row[first].mae:.2f}x {first}" for k in artists["labels"][1:]]
+    lines = [f"r = {r}"] + [tr("{name}: {ratio:.2f}x {reference}", name=tr(k), ratio=row[k].mae / row[first].mae,
+                               reference=tr(first)) for k in artists["labels"][1:]]
     artists["text"].set_text("\n".join(lines))
     return {k: row[k].mae for k in artists["labels"]}
 
@@ -98,8 +101,8 @@ def plot_training_curves(runs: dict, ylabel: str = "eval loss"):
         history = getattr(run, "history", run)
         style = dict(ls="--", lw=1.5) if label == "full" else dict(lw=2)
         (lines[label],) = ax.plot(history.eval_steps, history.eval_loss, color=variant_color(label, labels),
-                                  label="full fine-tuning (16-bit)" if label == "full" else label, **style)
-    ax.set(yscale="log", xlabel="step", ylabel=ylabel)
+                                  label=tr("full fine-tuning (16-bit)") if label == "full" else tr(label), **style)
+    ax.set(yscale="log", xlabel=tr("step"), ylabel=tr(ylabel))
     ax.legend(fontsize=8)
     return fig, {"lines": lines}
 
@@ -132,9 +135,9 @@ def plot_magnitude_direction(points: dict, correlations: dict | None = None):
         fits[method] = fit_slope(every)
         d = np.array([p[2] for p in every])
         ax.plot(d, np.polyval(np.polyfit(d, [p[1] for p in every], 1), d), color="k", lw=1)
-        title = method if correlations is None else f"{method}: r = {correlations[method]:+.2f}"
+        title = tr(method) if correlations is None else f"{tr(method)}: r = {correlations[method]:+.2f}"
         ax.set(title=title, xlabel="ΔD")
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("ΔM")
-    axes[0].legend(fontsize=7, title="layer", title_fontsize=7)
+    axes[0].legend(fontsize=7, title=tr("layer"), title_fontsize=7)
     return fig, {"axes": axes, "slopes": fits}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 
+from ..i18n import tr
 from ..plots import forgetting as plots
 from ._view import FigureView, e2e_slider
 
@@ -29,9 +30,10 @@ def forgetting_explorer(rows, method: str = "full", lr: float | None = None,
     lr = lrs[0] if lr is None else float(lr)
     fig, artists = plots.plot_learn_forget(rows, table[(method, lr)], threshold_epsilon)
     view = FigureView(fig, animated=[artists["point"], artists["text"], artists["dots"]])
-    method_slider = e2e_slider(widgets.SelectionSlider(options=list(groups), value=method, description="method"))
+    method_slider = e2e_slider(widgets.SelectionSlider(options=[(plots.shown_label(k), k) for k in groups],
+                                                       value=method, description=tr("method")))
     lr_slider = e2e_slider(widgets.SelectionSlider(options=[(f"{x:g}", x) for x in lrs], value=lr,
-                                                   description="lr"))
+                                                   description=tr("lr")))
     box = widgets.VBox([widgets.HBox([method_slider, lr_slider]), view.image])
 
     def show(_=None) -> None:

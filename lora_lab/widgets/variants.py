@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 
+from ..i18n import tr
 from ..plots import variants as plots
 from ._view import FigureView, e2e_slider
 
@@ -29,7 +30,7 @@ def error_explorer(sweep: dict, r=None) -> widgets.VBox:
         raise ValueError(f"r = {r!r} is not in the sweep's ranks {ranks}.")
     fig, artists = plots.plot_error_sweep(sweep, r)
     view = FigureView(fig, animated=[artists["marker"], *artists["bars"], artists["text"]])
-    slider = e2e_slider(widgets.SelectionSlider(options=ranks, value=r, description="rank r",
+    slider = e2e_slider(widgets.SelectionSlider(options=ranks, value=r, description=tr("rank r"),
                                                 continuous_update=False))
     box = widgets.VBox([slider, view.image])
 
