@@ -44,6 +44,7 @@ NOTEBOOKS = [
     "notebooks/04_qlora_memory.ipynb",
     "notebooks/05_memory_at_scale.ipynb",
     "notebooks/06_merge_save_share.ipynb",
+    "notebooks/09_real_llm.ipynb",
 ]
 
 

@@ -31,3 +31,5 @@ from .nf4 import (QuantizedWeight, codebook, dequantize, dequantize_nf4, dynamic
                   int4_codebook, nf4_codebook, quantize, quantize_fp4, quantize_int4, quantize_nf4)
 from .qlora import (NF4Linear, QLoRALinear, RequantizationReport, apply_qlora, load_quantized,  # noqa: F401
                     merge_and_unload, quantized_memory_report, save_quantized)
+from .pretrained import load_pretrained  # noqa: F401
+from .instruct import load_chat_task  # noqa: F401

@@ -120,7 +120,8 @@ def kit_config(hf_config) -> LlamaConfig:
     """The kit's `LlamaConfig` with the shapes of a transformers Llama config (for `lora_lab.estimator`).
 
     Args:
-        hf_config: a transformers ``LlamaConfig`` (``model.config``).
+        hf_config: a transformers ``LlamaConfig`` (``model.config``). GGUF stores ``rms_norm_eps`` as float32
+            (1e-5 reads back as 9.9999997e-06); six significant digits give the config's value again.
     """
     rope = getattr(hf_config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
@@ -134,7 +135,7 @@ def kit_config(hf_config) -> LlamaConfig:
                        num_attention_heads=hf_config.num_attention_heads,
                        num_key_value_heads=hf_config.num_key_value_heads,
                        max_position_embeddings=hf_config.max_position_embeddings,
-                       rms_norm_eps=float(hf_config.rms_norm_eps), rope_theta=float(theta),
+                       rms_norm_eps=float(f"{hf_config.rms_norm_eps:.6g}"), rope_theta=float(theta),
                        tie_word_embeddings=bool(hf_config.tie_word_embeddings))
 
 
@@ -144,19 +145,23 @@ def saved_copy(model):
 
     transformers refuses ``quantization_config`` together with ``gguf_file``, so the 4-bit recipe
     (``BitsAndBytesConfig``) loads the dequantized weights from this folder, as it would from the hub.
+    A GGUF load leaves its quantizer on the model (``hf_quantizer``, ``config.quantization_config``), which
+    ``save_pretrained`` refuses to serialize; both are set aside while saving (the weights are plain float32
+    already) and put back after.
     """
     with tempfile.TemporaryDirectory(prefix="smollm2-") as folder:
-        config = model.config
-        saved_quant = getattr(config, "quantization_config", None)
-        if saved_quant is not None:
-            del config.quantization_config  # the GGUF note: these weights are plain float32 now
+        config, quantizer = model.config, getattr(model, "hf_quantizer", None)
+        quant_config = getattr(config, "quantization_config", None)
+        if quant_config is not None:
+            del config.quantization_config
+        model.hf_quantizer = None
         try:
             model.save_pretrained(folder)
         finally:
-            if saved_quant is not None:
-                config.quantization_config = saved_quant
+            model.hf_quantizer = quantizer
+            if quant_config is not None:
+                config.quantization_config = quant_config
         yield os.fspath(folder)
-
 
 # ------------------------------------------------------------------------- the cost of quantizing twice
 

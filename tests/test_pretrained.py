@@ -125,10 +125,10 @@ def test_saved_copy_loads_with_bitsandbytes_4bit_as_the_kits_nf4(tmp_path):
     kit = ll.apply_qlora(copy.deepcopy(small), ll.LoraConfig(target_modules=["q_proj"]))
     names = [n for n, m in kit.named_modules() if isinstance(m, ll.NF4Linear)]
     assert len(names) == 2 * 7
-    for name in names:
-        layer = kit.get_submodule(name)
-        assert pretrained.matches_bitsandbytes(layer.base_layer if hasattr(layer, "base_layer") else layer,
-                                               quantized.get_submodule(name))
+    for name in names:  # the kit's q_proj is a QLoRALinear around NF4Linear "q_proj.base_layer"
+        bnb_layer = quantized.get_submodule(name.removesuffix(".base_layer"))
+        assert type(bnb_layer).__name__ == "Linear4bit"
+        assert pretrained.matches_bitsandbytes(kit.get_submodule(name), bnb_layer)
 
 
 def test_nf4_error_and_agreement_measure_what_they_say():
