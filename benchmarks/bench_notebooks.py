@@ -46,6 +46,7 @@ NOTEBOOKS = [
     "notebooks/06_merge_save_share.ipynb",
     "notebooks/07_what_finetuning_forgets.ipynb",
     "notebooks/08_variants_vs_quantization_error.ipynb",
+    "notebooks/09_real_llm.ipynb",
 ]
 
 

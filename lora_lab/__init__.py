@@ -35,3 +35,5 @@ from .qlora import (NF4Linear, QLoRALinear, RequantizationReport, apply_qlora, l
                     merge_and_unload, quantized_memory_report, save_quantized)
 from .spectral import intruder_dimensions, max_cosine, reduce_intruder_dimension  # noqa: F401
 from .forgetting import BaseProbe, copy_task, corpus_loss, forgetting_sweep, mitigation_sweep  # noqa: F401
+from .pretrained import load_pretrained  # noqa: F401
+from .instruct import load_chat_task  # noqa: F401

@@ -47,10 +47,16 @@ PRESETS: dict[str, dict] = {
     "gpt3-175b": dict(vocab_size=50257, max_position_embeddings=2048, hidden_size=12288,
                       intermediate_size=32768, num_hidden_layers=96, num_attention_heads=96,
                       num_key_value_heads=96, tie_word_embeddings=True),
+    # SmolLM2-135M (notebook 09's real model), from its config.json: 30 layers of width 576, 9 query heads and
+    # 3 key/value heads of 64, a 49,152-token vocabulary whose embedding is tied to the output head.
+    "smollm2-135m": dict(vocab_size=49152, max_position_embeddings=8192, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                         tie_word_embeddings=True),
 }
 # Parameter counts as published (LLaMA paper Table 2: 6.7B, 13.0B, 32.5B, 65.2B; Llama 2 "70B"; GPT-3 175B).
 PUBLISHED_PARAMS = {"llama-7b": 6.7e9, "llama-13b": 13.0e9, "llama-33b": 32.5e9, "llama-65b": 65.2e9,
-                    "llama-2-70b": 70e9, "gpt3-175b": 175e9}
+                    "llama-2-70b": 70e9, "gpt3-175b": 175e9,
+                    "smollm2-135m": 134.5e6}  # SmolLM2: 134,515,008 as transformers counts it
 ESTIMATE_METHODS = ("full", "lora", "qlora")
 
 

