@@ -215,6 +215,13 @@ KO = {
     "ΔM–ΔD correlation, LoRA": "ΔM–ΔD 상관관계, LoRA",
     "ΔM–ΔD correlation, DoRA": "ΔM–ΔD 상관관계, DoRA",
     "PiSSA converges faster than LoRA": "PiSSA는 LoRA보다 빨리 수렴한다",
+    # notebook 09's closing table
+    "NF4 + LoRA matches 16-bit fine-tuning": "NF4 + LoRA는 16비트 파인튜닝만큼 배운다",
+    "the kit's NF4 = bitsandbytes'": "키트의 NF4 = bitsandbytes의 NF4",
+    "same adapter in PEFT": "PEFT에서도 같은 어댑터",
+    "PEFT + bitsandbytes 4-bit on the CPU": "CPU에서 PEFT + bitsandbytes 4비트",
+    "Q4_1 -> NF4: a second rounding": "Q4_1 -> NF4: 두 번째 반올림",
+    "memory, estimate vs measured (weights, LoRA)": "메모리, 추정 대 측정 (가중치, LoRA)",
     # widgets
     "r = {r}: A+B hold {params:,} parameters ({percent:.1f}% of W), relative error {error:.3f}":
         "r = {r}: A+B의 파라미터 {params:,}개 (W의 {percent:.1f}%), 상대 오차 {error:.3f}",
