@@ -19,14 +19,6 @@ from lora_lab.plots import paper_table, quant, rank
 PACKAGE = Path(ll.__file__).parent
 
 
-@pytest.fixture
-def korean():
-    set_language("ko")
-    yield
-    set_language(None)
-    i18n.apply_font()  # back to the English figures' font for the tests after this one
-
-
 def literal_keys():
     """Every string literal passed to `tr` in lora_lab (both arms of a conditional)."""
     keys = set()

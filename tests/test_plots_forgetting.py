@@ -56,15 +56,6 @@ def test_mitigation_marks_the_chosen_lambda():
         update_mitigation(artists, 0.25)  # only computed values: the slider picks, it does not interpolate
 
 
-@pytest.fixture
-def korean():
-    from lora_lab import i18n
-    i18n.set_language("ko")
-    yield
-    i18n.set_language(None)
-    i18n.apply_font()  # back to the English figures' font for the tests after this one
-
-
 def test_in_korean_the_axes_legend_and_readout_are_korean_with_the_same_numbers(korean):
     import warnings
 

@@ -61,15 +61,6 @@ def test_a_slope_needs_two_different_directions():
         plots.fit_slope([(10, 1.0, 2.0), (20, 3.0, 2.0)])
 
 
-@pytest.fixture
-def korean():
-    from lora_lab import i18n
-    i18n.set_language("ko")
-    yield
-    i18n.set_language(None)
-    i18n.apply_font()  # back to the English figures' font for the tests after this one
-
-
 def test_in_korean_the_labels_and_readout_are_korean_with_the_same_numbers(korean):
     import warnings
 
