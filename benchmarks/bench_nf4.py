@@ -1,11 +1,16 @@
 """NF4 speed on CPU: lora_lab.nf4 against bitsandbytes and torchao, and a QLoRA training step against PEFT.
 
-Run:  python benchmarks/bench_nf4.py [--size 4096] [--repeats 5]
+Run:  python benchmarks/bench_nf4.py [--size 4096] [--repeats 15]
 
-Prints median wall times measured in this run and the ratios (lower is better for lora_lab):
-  quantize    <= 0.5x bitsandbytes
-  dequantize  <= 1.5x bitsandbytes and <= 0.2x torchao
-  QLoRA step  <= 1.0x PEFT LoRA on bitsandbytes' Linear4bit (forward + backward)
+Every group of rows is timed in one interleaved run (each repeat calls every contender once, in turn), so
+a change in the machine's load shifts all of them alike. Prints median wall times and the ratios (lower is
+better for lora_lab), with the targets:
+  quantize                      <= 0.5x bitsandbytes
+  dequantize (a fresh output)   <= 1.0x bitsandbytes, <= 0.2x torchao
+  dequantize into a reused out= <= 1.0x bitsandbytes (whose CPU kernel has no out=)
+  QLoRA step                    <= 1.0x PEFT LoRA on bitsandbytes' Linear4bit (forward + backward)
+Dequantize is memory-bound, so beside it the floor: a plain copy of a tensor of the output's size, into a
+fresh tensor (the operating system maps and zeroes each new page on its first write) and into a reused one.
 """
 
 import argparse
@@ -22,20 +27,23 @@ from lora_lab.qlora import QLoRALinear
 warnings.filterwarnings("ignore")
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up (and, for the compiled path, compilation)
-    times = []
+def interleaved(contenders: dict, repeats: int) -> dict:
+    """Median seconds per contender; each repeat runs every contender once, in turn, after one warm-up each."""
+    for fn in contenders.values():
+        fn()  # warm-up (and, for the compiled paths, compilation)
+    times = {name: [] for name in contenders}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def report(name, ours, theirs, target):
     ratio = ours / theirs
     verdict = "met" if ratio <= target else "NOT met"
-    print(f"  {name:<44} {ours * 1e3:8.1f} ms vs {theirs * 1e3:8.1f} ms  ratio {ratio:5.2f} "
+    print(f"  {name:<48} {ours * 1e3:8.2f} ms vs {theirs * 1e3:8.2f} ms  ratio {ratio:5.2f} "
           f"(target <= {target}: {verdict})")
 
 
@@ -51,33 +59,40 @@ def torchao_nf4():
 def bench_quantization(w, repeats):
     import bitsandbytes.functional as F
 
-    def ours_q():
-        return nf4.quantize_nf4(w)
-
-    def bnb_q():
-        return F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-
     start = time.perf_counter()
-    q = ours_q()
+    q = nf4.quantize_nf4(w)
     print(f"  first lora_lab quantize (includes torch.compile): {time.perf_counter() - start:.1f} s")
-    packed, state = bnb_q()
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     same = (torch.equal(q.packed, packed.reshape(-1))
             and torch.equal(nf4.dequantize(q), F.dequantize_4bit(packed, state)))
     readable = nf4.quantize(w, fast=False)
     same &= torch.equal(readable.packed, q.packed) and torch.equal(readable.absmax, q.absmax)
     print(f"  bytes and dequantized values equal to bitsandbytes (and the readable path): {same}")
-    report("quantize_nf4 vs bnb quantize_4bit", median_time(ours_q, repeats), median_time(bnb_q, repeats), 0.5)
-    t_ours = median_time(lambda: nf4.dequantize(q), repeats)
-    t_bnb = median_time(lambda: F.dequantize_4bit(packed, state), repeats)
-    report("dequantize vs bnb dequantize_4bit", t_ours, t_bnb, 1.5)
-    t_readable = median_time(lambda: nf4.dequantize(q, fast=False), repeats)
-    print(f"  (readable dequantize path: {t_readable * 1e3:.1f} ms)")
+
+    t = interleaved({"ours": lambda: nf4.quantize_nf4(w),
+                     "bnb": lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)},
+                    max(3, repeats // 3))
+    report("quantize_nf4 vs bnb quantize_4bit", t["ours"], t["bnb"], 0.5)
+
+    out, source, copy_target = torch.empty_like(w), w.clone(), torch.empty_like(w)
+    contenders = {"fresh": lambda: nf4.dequantize(q), "out": lambda: nf4.dequantize(q, out=out),
+                  "bnb": lambda: F.dequantize_4bit(packed, state), "copy fresh": source.clone,
+                  "copy reused": lambda: copy_target.copy_(source)}
     to_nf4 = torchao_nf4()
     if to_nf4 is not None:
-        t_ao_q = median_time(lambda: to_nf4(w), max(1, repeats // 2))
-        ao = to_nf4(w)
-        print(f"  (torchao to_nf4 quantize: {t_ao_q * 1e3:.1f} ms)")
-        report("dequantize vs torchao get_original_weight", t_ours, median_time(ao.get_original_weight, repeats), 0.2)
+        contenders["torchao"] = to_nf4(w).get_original_weight
+    t = interleaved(contenders, repeats)
+    report("dequantize vs bnb dequantize_4bit", t["fresh"], t["bnb"], 1.0)
+    report("dequantize(out=reused buffer) vs bnb dequantize_4bit", t["out"], t["bnb"], 1.0)
+    if to_nf4 is not None:
+        report("dequantize vs torchao get_original_weight", t["fresh"], t["torchao"], 0.2)
+    mb = w.numel() * w.element_size() / 1e6
+    print(f"  the floor, a copy of the {mb:.1f} MB output: {t['copy fresh'] * 1e3:.2f} ms into a fresh tensor, "
+          f"{t['copy reused'] * 1e3:.2f} ms into a reused one")
+    print(f"  over the floor: lora_lab {t['fresh'] / t['copy fresh']:.2f}x fresh, {t['out'] / t['copy reused']:.2f}x "
+          f"reused; bitsandbytes {t['bnb'] / t['copy fresh']:.2f}x fresh")
+    t_readable = interleaved({"readable": lambda: nf4.dequantize(q, fast=False)}, max(1, repeats // 5))["readable"]
+    print(f"  (readable dequantize path, for reference: {t_readable * 1e3:.1f} ms)")
 
 
 def bench_step(size, repeats, batch, seq, r=16):
@@ -111,7 +126,7 @@ def bench_step(size, repeats, batch, seq, r=16):
             module(x.detach().requires_grad_(True)).float().square().mean().backward()
         return run
 
-    times = {name: median_time(step(module), repeats) for name, module in layers.items()}
+    times = interleaved({name: step(module) for name, module in layers.items()}, repeats)
     for backend in ("torch", "bitsandbytes"):
         report(f"QLoRALinear step ({backend}) vs PEFT+bnb", times[backend], times["peft + bnb Linear4bit"], 1.0)
 
@@ -119,7 +134,7 @@ def bench_step(size, repeats, batch, seq, r=16):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()

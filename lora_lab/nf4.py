@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -231,7 +232,7 @@ def quantize_int4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool | None = None,
-               check: bool = True) -> torch.Tensor:
+               check: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """``code[index] * absmax`` computed in float32, cast to ``dtype`` (default ``q.dtype``), shape ``q.shape``.
 
     Equals ``bitsandbytes.functional.dequantize_4bit`` for the same bytes and scales. Three paths give the
@@ -242,19 +243,34 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool 
     ``check`` first verifies that the codebook and scales are finite (and plain absmax values not negative), so
     a tampered state raises instead of spreading NaN over its blocks. It reads one value per block; the
     QLoRA forward pass skips it (its layer's state came from `quantize` or a checked file).
+
+    ``out`` (bitsandbytes' name): a contiguous tensor of shape ``q.shape`` on the state's device to write the
+    result into, e.g. one buffer reused for every call. A fresh output of a large weight costs more than the
+    arithmetic: the operating system maps and zeroes each new page on its first write. ``dtype`` defaults to
+    ``out.dtype``. Returns ``out``.
     """
     if not isinstance(q, QuantizedWeight):
         raise TypeError(f"dequantize expects a QuantizedWeight (from quantize_nf4), got {type(q).__name__}.")
-    dtype = q.dtype if dtype is None else dtype
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}.")
+    dtype = (q.dtype if out is None else out.dtype) if dtype is None else dtype
     _check_choice("dtype", dtype, FLOAT_DTYPES)
+    if out is not None:
+        _check_out(out, q, dtype)
     if check:
         _check_values(q)
     if fast is False or q.code.dtype != torch.float32 or q.packed.is_meta:  # meta (`estimate`): nothing to speed up
         flat = dequantize_blocks(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel)
-        return flat.to(dtype).reshape(q.shape)
+        return _written(flat.to(dtype).reshape(q.shape), out)
     if fast or q.numel >= FAST_MIN_NUMEL:
-        return _fast_dequantize(q, dtype).reshape(q.shape)
-    return nf4_fast.table_dequantize(q, dtype).view(q.shape)
+        target = torch.empty(q.shape, dtype=dtype, device=q.packed.device) if out is None else out
+        _fast_dequantize(q, target.view(-1))
+        return target
+    return _written(nf4_fast.table_dequantize(q, dtype).view(q.shape), out)
+
+
+def _written(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
 
 
 dequantize_nf4 = dequantize  # bitsandbytes' name for the NF4 case; the state already says which type
@@ -357,20 +373,26 @@ def _fast_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple
     return torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
 
 
-def _fast_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The compiled kernel on the full blocks, the readable path on a last partial block. (n,) in ``dtype``."""
-    n, blocksize = q.numel, q.blocksize
+def _fast_dequantize(q: QuantizedWeight, target: torch.Tensor) -> None:
+    """Writes the weight into ``target`` (n,): the compiled kernels on the full blocks, the readable path on a
+    last partial block."""
+    n, blocksize, dtype = q.numel, q.blocksize, target.dtype
     full = n - n % blocksize
-    if full == 0:
-        return dequantize_blocks(q.packed, q.block_absmax(), q.code, blocksize, n).to(dtype)
-    m, absmax = full // blocksize, nf4_fast.block_scales(q)
-    blocks = q.packed[: full // 2].reshape(m, blocksize // 2)
-    shifts = torch.tensor([4, 0], dtype=torch.int32, device=blocks.device).repeat(blocksize // 2)
-    head = nf4_fast.compiled("dequantize")(blocks, q.code, absmax[:m], dtype, shifts).reshape(-1)
-    if full == n:
-        return head
-    tail = dequantize_blocks(q.packed[full // 2:], absmax[m:], q.code, blocksize, n - full)
-    return torch.cat([head, tail.to(dtype)])
+    absmax = nf4_fast.block_scales(q)
+    m = full // blocksize
+    if m:
+        blocks = q.packed[: full // 2].reshape(m, blocksize // 2)
+        words = nf4_fast.WORD_KERNELS.get(dtype) if sys.byteorder == "little" else None
+        if words is None:  # float16 (or a big-endian machine): one element at a time
+            shifts = torch.tensor([4, 0], dtype=torch.int32, device=blocks.device).repeat(blocksize // 2)
+            target[:full].copy_(nf4_fast.compiled("dequantize")(blocks, q.code, absmax[:m], dtype, shifts).view(-1))
+        else:  # one word holds a byte's two values (see nf4_fast.bf16_words)
+            name, word_dtype = words
+            constants = torch.tensor(nf4_fast.WORD_CONSTANTS, dtype=torch.int32, device=blocks.device)
+            head = target[:full].view(word_dtype).view(m, blocksize // 2)
+            nf4_fast.compiled(name + "_into")(head, blocks, q.code, absmax[:m], constants)
+    if full < n:
+        target[full:].copy_(dequantize_blocks(q.packed[full // 2:], absmax[m:], q.code, blocksize, n - full))
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -379,6 +401,16 @@ def _fast_dequantize(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 def _check_choice(name: str, value, choices) -> None:
     if type(value) is not type(choices[0]) or value not in choices:  # also refuses 64.0 and True
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _check_out(out: torch.Tensor, q: QuantizedWeight, dtype: torch.dtype) -> None:
+    if (tuple(out.shape) != tuple(q.shape) or out.dtype != dtype or out.device != q.packed.device
+            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(q.shape)} on "
+                         f"{q.packed.device}, got a{'' if out.is_contiguous() else ' non-contiguous'} {out.dtype} "
+                         f"tensor of shape {tuple(out.shape)} on {out.device}.")
+    if out.requires_grad:
+        raise ValueError("out requires grad; dequantize into a plain buffer (e.g. torch.empty(q.shape)).")
 
 
 def _check_weight(w) -> None:

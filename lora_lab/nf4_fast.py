@@ -1,9 +1,9 @@
 """The fast CPU paths behind `lora_lab.nf4.dequantize` and `quantize`: the same bits, fewer operations.
 
 `lora_lab.nf4` holds the readable algorithm, step by step; this module holds what makes it quick enough to
-run twice per layer and training step (`table_dequantize`, eager) or on large weights (`fused_codes` and
-`fused_dequantize`, compiled with ``torch.compile``). Every function here gives exactly the bits of the
-readable path (tests/test_nf4.py compares them, and both against bitsandbytes).
+run twice per layer and training step (`table_dequantize`, eager) or on large weights (`fused_codes`, and
+`bf16_words` / `float32_words` / `fused_dequantize`, compiled with ``torch.compile``). Every function here
+gives exactly the bits of the readable path (tests/test_nf4.py compares them, and both against bitsandbytes).
 """
 
 from __future__ import annotations
@@ -51,6 +51,55 @@ def fused_dequantize(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Ten
     return (select_code(index, code) * absmax[:, None]).to(dtype)
 
 
+def scaled_nibbles(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor,
+                   constants: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, blocksize/2) packed bytes, (m,) absmax -> the bit patterns (int32) of ``code[high] * absmax`` and
+    ``code[low] * absmax`` for every byte: float32 products, as bitsandbytes computes them."""
+    b, scale = packed.int(), absmax[:, None]
+    first = (select_code(b >> constants[0], code) * scale).view(torch.int32)
+    second = (select_code(b & constants[1], code) * scale).view(torch.int32)
+    return first, second
+
+
+def bf16_words(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, constants: torch.Tensor) -> torch.Tensor:
+    """(m, blocksize/2) packed bytes of full blocks -> (m, blocksize/2) int32 words; viewed as bfloat16, the rows.
+
+    # Note: one word per byte
+    Spelling the output out element by element (`fused_dequantize`) makes element ``i`` read byte ``i // 2``:
+    a strided load that the compiler performs one element at a time. Here the loop runs over the bytes
+    instead, every load and store contiguous: each byte yields its two values, and the word holding both
+    (the first in the low half: little-endian memory order) is its part of the output row.
+    float32 -> bfloat16 rounds to nearest even on the bit pattern, ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``,
+    which is torch's own rule for finite values (`quantize` only stores finite ones). ``constants`` is
+    `WORD_CONSTANTS`: shift amounts read from a tensor, not written as literals, keep the loop vectorized.
+    """
+    first, second = scaled_nibbles(packed, code, absmax, constants)
+    first = (first + constants[3] + ((first >> constants[2]) & constants[4])) >> constants[2]
+    second = (second + constants[3] + ((second >> constants[2]) & constants[4])) & constants[5]
+    return second | (first & 0xFFFF)
+
+
+def float32_words(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor,
+                  constants: torch.Tensor) -> torch.Tensor:
+    """As `bf16_words`, for float32: (m, blocksize/2) int64 words, each the two float32 values of one byte."""
+    first, second = scaled_nibbles(packed, code, absmax, constants)
+    return (second.long() << constants[6].long()) | (first.long() & 0xFFFFFFFF)
+
+
+WORD_CONSTANTS = (4, 15, 16, 0x7FFF, 1, -65536, 32)
+WORD_KERNELS = {torch.bfloat16: ("bf16_words", torch.int32), torch.float32: ("float32_words", torch.int64)}
+
+
+def bf16_words_into(out: torch.Tensor, packed, code, absmax, constants) -> None:
+    """`bf16_words` written straight into ``out`` (m, blocksize/2) int32: no new output, no page faults."""
+    out.copy_(bf16_words(packed, code, absmax, constants))
+
+
+def float32_words_into(out: torch.Tensor, packed, code, absmax, constants) -> None:
+    """`float32_words` written straight into ``out`` (m, blocksize/2) int64."""
+    out.copy_(float32_words(packed, code, absmax, constants))
+
+
 def select_code(index: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """``code[index]`` as a tree of 15 ``where``s on the index's 4 bits (a compiled gather does not vectorize)."""
     level = [code[k] for k in range(16)]
@@ -62,7 +111,9 @@ def select_code(index: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def compiled(name: str):
-    function = {"codes": fused_codes, "dequantize": fused_dequantize}[name]
+    function = {"codes": fused_codes, "dequantize": fused_dequantize, "bf16_words": bf16_words,
+                "float32_words": float32_words, "bf16_words_into": bf16_words_into,
+                "float32_words_into": float32_words_into}[name]
     try:
         return torch.compile(function)  # the block count becomes dynamic after a second shape; blocksize stays fixed
     except Exception:  # no compiler available: the same function, eagerly
@@ -85,10 +136,6 @@ def bin_tables(code: torch.Tensor, bins_half: float = 1024.0):
             continue
         bin_threshold[b] = t
     return bin_base, bin_threshold, order, bins_half
-
-
-
-
 
 
 BYTE_CODES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0x0F], dim=1).reshape(-1)  # (512,)

@@ -10,6 +10,7 @@ subclass": `NF4Linear` is the frozen 4-bit layer and `QLoRALinear` is `LoRALinea
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .inject import check_mergeable, forget_adapters, lora_layers, lora_targets,
 from . import lora_init
 from .lora import DEFAULT_ADAPTER, LoraConfig, LoRALinear, check_adapter_name
 from .lora_init import changes_base
-from .nf4 import FLOAT_DTYPES, QuantizedWeight, dequantize, quantize
+from .nf4 import FAST_MIN_NUMEL, FLOAT_DTYPES, QuantizedWeight, dequantize, quantize
 
 BACKENDS = ("torch", "bitsandbytes")
 _STATE_TENSORS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
@@ -41,11 +42,34 @@ class _DequantizeMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q: QuantizedWeight):
         ctx.q = q
-        return x @ dequantize(q, x.dtype, check=False).T  # (..., in) @ (in, out)
+        return x @ _dequantized(q, x.dtype).T  # (..., in) @ (in, out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out @ dequantize(ctx.q, grad_out.dtype, check=False), None  # (..., out) @ (out, in)
+        return grad_out @ _dequantized(ctx.q, grad_out.dtype), None  # (..., out) @ (out, in)
+
+
+_scratch = threading.local()  # per thread: {(shape, dtype): one reused buffer}
+
+
+def _dequantized(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(q, dtype)`` for one matmul; a large weight on CPU goes into a buffer reused by every call.
+
+    # Note: the reused buffer on CPU
+    A fresh tensor of a large weight (>= `nf4.FAST_MIN_NUMEL` values, e.g. 4096 x 4096) is memory the operating
+    system maps and zeroes page by page on its first write: on CPU that costs more than the dequantization
+    itself, twice per layer and step. So such weights are written into one buffer per shape and dtype (held
+    for the thread's lifetime: one layer's 16-bit weight per distinct shape, not one per layer). Each use ends
+    with its matmul, before the next layer writes the buffer. Smaller weights and GPUs gain nothing from it:
+    the allocator already hands back memory it has used before.
+    """
+    if q.packed.device.type != "cpu" or q.numel < FAST_MIN_NUMEL:
+        return dequantize(q, dtype, check=False)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (tuple(q.shape), dtype)
+    if key not in buffers:
+        buffers[key] = torch.empty(q.shape, dtype=dtype)
+    return dequantize(q, dtype, check=False, out=buffers[key])
 
 
 class NF4Linear(nn.Module):

@@ -254,6 +254,17 @@ def test_fused_dequantize_equals_the_readable_path_bit_for_bit(double_quant):
         assert torch.equal(bits(fused.reshape(-1)), bits(readable.to(dtype)))
 
 
+@pytest.mark.parametrize("kernel, dtype", [(nf4_fast.bf16_words, torch.bfloat16), (nf4_fast.float32_words, torch.float32)])
+def test_word_kernels_equal_the_readable_path_bit_for_bit(kernel, dtype):
+    torch.manual_seed(0)
+    w = torch.randn(300 * 64) * torch.logspace(-30, 30, 300).repeat_interleave(64)  # scales far apart: rounding
+    q = nf4.quantize_nf4(w)
+    readable = nf4.dequantize_blocks(q.packed, q.block_absmax(), q.code, 64, w.numel()).to(dtype)
+    words = kernel(q.packed.reshape(300, 32), q.code, q.block_absmax(),
+                   torch.tensor(nf4_fast.WORD_CONSTANTS, dtype=torch.int32))
+    assert torch.equal(bits(words.view(dtype).reshape(-1)), bits(readable))
+
+
 @settings(max_examples=25, deadline=None)
 @given(weights(), st.sampled_from(["nf4", "fp4", "int4"]), st.sampled_from(DTYPES))
 def test_property_every_dequantize_path_gives_the_same_bits(case, quant_type, dtype):
@@ -262,7 +273,33 @@ def test_property_every_dequantize_path_gives_the_same_bits(case, quant_type, dt
     readable = nf4.dequantize(q, dtype, fast=False)
     for fast in (None, True):  # the eager byte table (small weights) and the fused kernel
         assert torch.equal(bits(nf4.dequantize(q, dtype, fast=fast)), bits(readable))
+        out = torch.full(q.shape, float("nan"), dtype=dtype)  # every element must be written
+        assert nf4.dequantize(q, fast=fast, out=out) is out and torch.equal(bits(out), bits(readable))
     assert torch.equal(nf4_fast.block_scales(q), q.block_absmax())
+
+
+def test_dequantize_into_a_reused_buffer_overwrites_it_each_call():
+    first, second = nf4.quantize_nf4(torch.randn(64, 128)), nf4.quantize_nf4(torch.randn(64, 128))
+    out = torch.empty(64, 128)
+    for fast in (False, None, True):
+        nf4.dequantize(first, fast=fast, out=out)
+        assert torch.equal(nf4.dequantize(second, fast=fast, out=out), second.dequantize())
+
+
+@pytest.mark.parametrize("out, dtype, message", [
+    (torch.empty(64, 127), None, "shape"),
+    (torch.empty(64, 128, dtype=torch.float16), torch.bfloat16, "bfloat16"),
+    (torch.empty(128, 64).T, None, "non-contiguous"),
+    (torch.empty(64, 128, requires_grad=True), None, "requires grad"),
+    (torch.empty(64, 128, dtype=torch.int32), None, "dtype"),
+    (torch.empty(64, 128).numpy(), None, "torch.Tensor"),
+])
+def test_a_wrong_out_buffer_is_refused_and_left_untouched(out, dtype, message):
+    q = nf4.quantize_nf4(torch.randn(64, 128))
+    before = out.clone() if isinstance(out, torch.Tensor) else out.copy()
+    with pytest.raises((ValueError, TypeError), match=message):
+        nf4.dequantize(q, dtype, out=out)
+    assert bits(torch.as_tensor(out).detach()).equal(bits(torch.as_tensor(before).detach()))
 
 
 def test_byte_table_holds_both_nibbles_of_every_byte():

@@ -78,6 +78,34 @@ def test_input_gradient_equals_the_dense_layer():
     torch.testing.assert_close(x.grad, torch.ones(6, 64) @ w, rtol=1e-6, atol=1e-6)
 
 
+def large_nf4_layer(seed):
+    torch.manual_seed(seed)  # 1024 x 1024 = nf4.FAST_MIN_NUMEL: dequantized into the reused CPU buffer
+    return NF4Linear.from_linear(nn.Linear(1024, 1024, bias=False), compute_dtype=torch.bfloat16)
+
+
+def test_a_large_layer_through_the_reused_buffer_equals_a_fresh_dequantize():
+    first, second = large_nf4_layer(0), large_nf4_layer(1)  # one shape: both write the one buffer
+    x = torch.randn(3, 1024, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(3, 1024, dtype=torch.bfloat16)
+    y = first(x)
+    second(x.detach())  # overwrites the buffer between first's forward and its backward
+    (y * grad).sum().backward()
+    w = nf4.dequantize(first.quant_state, torch.bfloat16)  # a fresh tensor
+    assert torch.equal(y, x.detach() @ w.T) and torch.equal(x.grad, grad @ w)
+
+
+def test_layers_of_one_shape_share_one_reused_buffer():
+    from lora_lab import qlora
+
+    layers = [large_nf4_layer(seed) for seed in range(3)]
+    x = torch.randn(2, 1024, dtype=torch.bfloat16)
+    qlora._scratch.__dict__.pop("buffers", None)
+    for layer in layers:
+        layer(x)
+    buffers = qlora._scratch.buffers
+    assert list(buffers) == [((1024, 1024), torch.bfloat16)]  # one 16-bit weight for three layers
+
+
 def test_torch_and_bitsandbytes_backends_give_the_same_outputs_and_gradients():
     results = []
     for backend in ("torch", "bitsandbytes"):
