@@ -254,7 +254,8 @@ def test_fused_dequantize_equals_the_readable_path_bit_for_bit(double_quant):
         assert torch.equal(bits(fused.reshape(-1)), bits(readable.to(dtype)))
 
 
-@pytest.mark.parametrize("kernel, dtype", [(nf4_fast.bf16_words, torch.bfloat16), (nf4_fast.float32_words, torch.float32)])
+@pytest.mark.parametrize("kernel, dtype", [(nf4_fast.bf16_words, torch.bfloat16),
+                                           (nf4_fast.float32_words, torch.float32)])
 def test_word_kernels_equal_the_readable_path_bit_for_bit(kernel, dtype):
     torch.manual_seed(0)
     w = torch.randn(300 * 64) * torch.logspace(-30, 30, 300).repeat_interleave(64)  # scales far apart: rounding
