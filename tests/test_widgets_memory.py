@@ -79,7 +79,7 @@ def test_explorer_rejects_empty_grid():
 
 
 def test_dashboard_bars_follow_updates():
-    dash = MemoryDashboard(("full", "lora"), CATS, min_interval=0.0)
+    dash = MemoryDashboard(("full", "lora"), CATS, min_interval=0.0, render_share=None)
     png = dash.image.value
     dash.update("lora", 1, fake_measure("lora", r=4, batch_size=1, seq_len=1))
     dash.update("lora", 2, fake_measure("lora", r=4, batch_size=2, seq_len=1), cuda={"allocated": 2**20, "peak": 2**21})
@@ -92,7 +92,7 @@ def test_dashboard_bars_follow_updates():
 def test_dashboard_shows_the_latest_recorded_step_inside():
     from lora_lab.timeline import MemoryEvent, StepTimeline
 
-    dash = MemoryDashboard(("lora",), CATS, min_interval=0.0)
+    dash = MemoryDashboard(("lora",), CATS, min_interval=0.0, render_share=None)
     step = StepTimeline(start={"frozen_weights": 2**20}, events=[
         MemoryEvent("forward", "activations", "layer", 3 * 2**20), MemoryEvent("backward", "activations", "layer",
                                                                              -3 * 2**20)], step=10)
@@ -104,6 +104,18 @@ def test_dashboard_shows_the_latest_recorded_step_inside():
     assert heights >= 4.0  # the stacked area reaches the peak, in MiB (1 MiB of weights + 3 MiB saved)
     with pytest.raises(TypeError):
         dash.update("lora", 11, {}, timeline={"activations": 1})
+
+
+def test_dashboard_waits_longer_after_a_slow_redraw_and_finish_always_draws():
+    dash = MemoryDashboard(("lora",), CATS, min_interval=0.0, render_share=0.25)
+    dash._draw_seconds = 10.0  # as if the last rendering took 10 s: the next may come 30 s later at the earliest
+    png = dash.image.value
+    dash.update("lora", 1, fake_measure("lora", r=4, batch_size=2, seq_len=1))
+    assert dash.image.value == png and dash.bars["activations"][0].get_height() == 0  # not drawn yet
+    dash.finish()
+    assert dash.bars["activations"][0].get_height() == 2 and dash.image.value != png
+    with pytest.raises(ValueError, match="render_share"):
+        MemoryDashboard(("lora",), CATS, render_share=0.0)
 
 
 def test_dashboard_rejects_unknown_method():
@@ -130,7 +142,7 @@ def test_tiny_measure_counts_a_real_step():
 def test_dashboard_callback_shows_each_new_measurement_once():
     from types import SimpleNamespace
 
-    dash = MemoryDashboard(("lora",), CATS, min_interval=0.0)
+    dash = MemoryDashboard(("lora",), CATS, min_interval=0.0, render_share=None)
     recorder = SimpleNamespace(latest=None)
     cb = dash.callback("lora", recorder)
     history = SimpleNamespace(memory=[fake_measure("lora", r=1, batch_size=1, seq_len=1)], memory_steps=[1])
@@ -154,7 +166,7 @@ def test_dashboard_follows_a_real_run_step_by_step():
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY))
-    dash = MemoryDashboard(("lora",), CATEGORIES, min_interval=0.0)
+    dash = MemoryDashboard(("lora",), CATEGORIES, min_interval=0.0, render_share=None)
     with TimelineRecorder(model, every=2) as recorder:
         history = finetune(model, _TinyTask(), method="lora", steps=4, batch_size=2, eval_every=2,
                            measure_memory=True, callback=dash.callback("lora", recorder))

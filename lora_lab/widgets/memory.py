@@ -138,8 +138,9 @@ class MemoryDashboard:
     the inside (a stacked area over its events: `lora_lab.plots.timeline`).
 
     Feed it with `update(method, step, breakdown, cuda=None, timeline=None)` from a training callback
-    (`callback` builds one); it redraws at most every `min_interval` seconds (training must not wait for PNG
-    rendering) and always on `finish()`. `cuda` is an optional dict such as {"allocated": bytes, "peak": bytes}
+    (`callback` builds one); it redraws at most every `min_interval` seconds, and so that rendering takes at most
+    `render_share` of the time (a redraw that took 0.3 s waits 0.9 s at 0.25: training must not wait for PNG
+    rendering; None: no such limit), and always on `finish()`. `cuda` is an optional dict such as {"allocated": bytes, "peak": bytes}
     from `torch.cuda`, shown beside it; `timeline` a `StepTimeline` of the same step (`TimelineRecorder`).
 
     Attributes:
@@ -148,16 +149,18 @@ class MemoryDashboard:
     """
 
     def __init__(self, methods: Sequence[str], categories: Sequence[str], unit: str = "MiB",
-                 min_interval: float = 0.25):
+                 min_interval: float = 0.25, render_share: float | None = 0.25):
+        if render_share is not None and not 0 < render_share <= 1:
+            raise ValueError(f"render_share must be in (0, 1] or None, got {render_share!r}.")
         self.methods, self.categories = tuple(methods), tuple(categories)
-        self.unit, self.min_interval = unit, min_interval
+        self.unit, self.min_interval, self.render_share = unit, min_interval, render_share
         self.latest = {m: dict.fromkeys(self.categories, 0) for m in self.methods}
         self.timeline: tuple[str, int, StepTimeline] | None = None
         self.cuda: dict[str, dict[str, int]] = {}
         self.figure, (self.ax_bar, self.ax_step), self.bars = plot_dashboard(self.data(), unit)
         self.image, self.readout = widgets.Image(format="png"), widgets.HTML()
         self.widget = widgets.VBox([self.image, self.readout])
-        self._last_draw, self._drawn_timeline = 0.0, None
+        self._last_draw, self._draw_seconds, self._drawn_timeline = 0.0, 0.0, None
         self.redraw()
 
     def data(self):
@@ -176,8 +179,14 @@ class MemoryDashboard:
             self.timeline = (method, step, timeline)
         if cuda:
             self.cuda[method] = dict(cuda)
-        if time.perf_counter() - self._last_draw >= self.min_interval:
+        if time.perf_counter() - self._last_draw >= self._gap():
             self.redraw()
+
+    def _gap(self) -> float:
+        """Seconds to wait after a redraw: `min_interval`, or longer where the last rendering was slow."""
+        if self.render_share is None:
+            return self.min_interval
+        return max(self.min_interval, self._draw_seconds * (1 / self.render_share - 1))
 
     def callback(self, method: str, recorder: TimelineRecorder | None = None):
         """A `finetune(callback=...)` hook: shows each new measured breakdown in `history.memory` (and, on CUDA,
@@ -195,6 +204,7 @@ class MemoryDashboard:
         return on_step
 
     def redraw(self) -> None:
+        start = time.perf_counter()
         data = self.data()
         update_stacked_bars(self.bars, data, ax=self.ax_bar)
         if self.timeline is not None and self.timeline is not self._drawn_timeline:
@@ -207,6 +217,7 @@ class MemoryDashboard:
         self.image.value = to_png(self.figure)
         self.readout.value = self._readout_html(data)
         self._last_draw = time.perf_counter()
+        self._draw_seconds = self._last_draw - start
 
     def finish(self) -> None:
         """Final redraw after training (the throttle may have skipped the last updates)."""
