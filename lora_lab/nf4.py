@@ -204,7 +204,9 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     _check_choice("quant_type", quant_type, QUANT_TYPES)
     _check_choice("blocksize", blocksize, BLOCKSIZES)
     code = _cached_code(quant_type).to(w.device, copy=True)  # each weight owns its codebook tensor
-    use_fast = (w.numel() >= FAST_MIN_NUMEL if fast is None else fast) and not w.is_meta  # meta: shapes only
+    if w.is_meta:  # `estimate`: shapes only, so no arithmetic
+        return _meta_state(w, code, quant_type, blocksize, double_quant)
+    use_fast = w.numel() >= FAST_MIN_NUMEL if fast is None else fast
     packed, absmax = (_fast_codes if use_fast else quantize_blocks)(w.reshape(-1), code, blocksize)
     fields = dict(packed=packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
     if not double_quant:
@@ -214,6 +216,22 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     qabsmax, nested_absmax = _quantize_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     return QuantizedWeight(absmax=qabsmax, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code,
                            **fields)
+
+
+def _meta_state(w: torch.Tensor, code: torch.Tensor, quant_type: str, blocksize: int,
+                double_quant: bool) -> QuantizedWeight:
+    """What `quantize` returns for a meta weight: the same shapes and dtypes, on the meta device, computed
+    from the weight's shape alone (running the arithmetic on meta tensors costs ~10 ms a weight)."""
+    n = w.numel()
+    n_blocks = -(-n // blocksize)
+    fields = dict(packed=torch.empty(-(-n // 2), dtype=torch.uint8, device="meta"), shape=w.shape, dtype=w.dtype,
+                  blocksize=blocksize, quant_type=quant_type, code=code)
+    if not double_quant:
+        return QuantizedWeight(absmax=torch.empty(n_blocks, device="meta"), **fields)
+    return QuantizedWeight(absmax=torch.empty(n_blocks, dtype=torch.uint8, device="meta"),
+                           offset=torch.empty((), device="meta"),
+                           nested_absmax=torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), device="meta"),
+                           nested_code=dynamic_map().to("meta"), **fields)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> QuantizedWeight:
@@ -259,7 +277,9 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype | None = None, fast: bool 
         _check_out(out, q, dtype)
     if check:
         _check_values(q)
-    if fast is False or q.code.dtype != torch.float32 or q.packed.is_meta:  # meta (`estimate`): nothing to speed up
+    if q.packed.is_meta:  # `estimate`: shapes only
+        return _written(torch.empty(q.shape, dtype=dtype, device="meta"), out)
+    if fast is False or q.code.dtype != torch.float32:
         flat = dequantize_blocks(q.packed, q.block_absmax(), q.code, q.blocksize, q.numel)
         return _written(flat.to(dtype).reshape(q.shape), out)
     if fast or q.numel >= FAST_MIN_NUMEL:

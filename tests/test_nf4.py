@@ -310,6 +310,20 @@ def test_byte_table_holds_both_nibbles_of_every_byte():
     assert torch.equal(table.reshape(-1), code[nf4.unpack_4bit(torch.arange(256, dtype=torch.uint8), 512)])
 
 
+@pytest.mark.parametrize("shape", [(64, 128), (3, 5, 7), (257 * 64 + 3,)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_meta_weight_gets_the_shapes_and_dtypes_a_real_one_does(shape, double_quant):
+    real = nf4.quantize_fp4(torch.randn(shape, dtype=torch.bfloat16), blocksize=128, double_quant=double_quant)
+    meta = nf4.quantize_fp4(torch.empty(shape, dtype=torch.bfloat16, device="meta"), blocksize=128,
+                            double_quant=double_quant)
+    for name in ("packed", "absmax", "code", "offset", "nested_absmax", "nested_code"):
+        a, b = getattr(real, name), getattr(meta, name)
+        assert (a is None and b is None) or (a.shape == b.shape and a.dtype == b.dtype and b.is_meta), name
+    assert (meta.shape, meta.dtype, meta.nbytes) == (real.shape, real.dtype, real.nbytes)
+    back = meta.dequantize(torch.float16)
+    assert back.is_meta and (back.shape, back.dtype) == (real.dequantize(torch.float16).shape, torch.float16)
+
+
 def test_dequantize_returns_original_shape_and_dtype():
     q = nf4.quantize_nf4(torch.randn(3, 5, 7, dtype=torch.bfloat16))
     assert q.dequantize().shape == (3, 5, 7) and q.dequantize().dtype == torch.bfloat16
