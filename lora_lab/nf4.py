@@ -402,8 +402,10 @@ def _fast_dequantize(q: QuantizedWeight, target: torch.Tensor) -> None:
     m = full // blocksize
     if m:
         blocks = q.packed[: full // 2].reshape(m, blocksize // 2)
-        words = nf4_fast.WORD_KERNELS.get(dtype) if sys.byteorder == "little" else None
-        if words is None:  # float16 (or a big-endian machine): one element at a time
+        # a word holds two elements: the output must start at an even element to be viewed as words
+        words = nf4_fast.WORD_KERNELS.get(dtype) if sys.byteorder == "little" and target.storage_offset() % 2 == 0 \
+            else None
+        if words is None:  # float16, an odd start (an `out` slice) or a big-endian machine: one element at a time
             shifts = torch.tensor([4, 0], dtype=torch.int32, device=blocks.device).repeat(blocksize // 2)
             target[:full].copy_(nf4_fast.compiled("dequantize")(blocks, q.code, absmax[:m], dtype, shifts).view(-1))
         else:  # one word holds a byte's two values (see nf4_fast.bf16_words)

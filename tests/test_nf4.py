@@ -287,6 +287,14 @@ def test_dequantize_into_a_reused_buffer_overwrites_it_each_call():
         assert torch.equal(nf4.dequantize(second, fast=fast, out=out), second.dequantize())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_into_a_buffer_that_starts_at_an_odd_element(dtype):
+    q = nf4.quantize_nf4(torch.randn(64, 128))
+    out = torch.full((1 + 64 * 128,), float("nan"), dtype=dtype)[1:].view(64, 128)  # contiguous, odd offset
+    nf4.dequantize(q, fast=True, out=out)
+    assert torch.equal(bits(out), bits(nf4.dequantize(q, dtype, fast=False)))
+
+
 @pytest.mark.parametrize("out, dtype, message", [
     (torch.empty(64, 127), None, "shape"),
     (torch.empty(64, 128, dtype=torch.float16), torch.bfloat16, "bfloat16"),

@@ -140,8 +140,9 @@ class MemoryDashboard:
     Feed it with `update(method, step, breakdown, cuda=None, timeline=None)` from a training callback
     (`callback` builds one); it redraws at most every `min_interval` seconds, and so that rendering takes at most
     `render_share` of the time (a redraw that took 0.3 s waits 0.9 s at 0.25: training must not wait for PNG
-    rendering; None: no such limit), and always on `finish()`. `cuda` is an optional dict such as {"allocated": bytes, "peak": bytes}
-    from `torch.cuda`, shown beside it; `timeline` a `StepTimeline` of the same step (`TimelineRecorder`).
+    rendering; None: no such limit), and always on `finish()`. `cuda` is an optional dict such as
+    {"allocated": bytes, "peak": bytes} from `torch.cuda`, shown beside it; `timeline` a `StepTimeline` of the
+    same step (`TimelineRecorder`).
 
     Attributes:
         latest: the latest breakdown per method (bytes by category); ``timeline``: the latest step timeline and
