@@ -111,8 +111,7 @@ def select_code(index: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def compiled(name: str):
-    function = {"codes": fused_codes, "dequantize": fused_dequantize, "bf16_words": bf16_words,
-                "float32_words": float32_words, "bf16_words_into": bf16_words_into,
+    function = {"codes": fused_codes, "dequantize": fused_dequantize, "bf16_words_into": bf16_words_into,
                 "float32_words_into": float32_words_into}[name]
     try:
         return torch.compile(function)  # the block count becomes dynamic after a second shape; blocksize stays fixed

@@ -65,7 +65,9 @@ def _dequantized(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """
     if q.packed.device.type != "cpu" or q.numel < FAST_MIN_NUMEL:
         return dequantize(q, dtype, check=False)
-    buffers = _scratch.__dict__.setdefault("buffers", {})
+    if not hasattr(_scratch, "buffers"):
+        _scratch.buffers = {}
+    buffers = _scratch.buffers
     key = (tuple(q.shape), dtype)
     if key not in buffers:
         buffers[key] = torch.empty(q.shape, dtype=dtype)
