@@ -15,7 +15,6 @@ warm-up, timed by default in CPU time of this process on one thread.
 
 import argparse
 import copy
-import statistics
 import time
 from collections import OrderedDict
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from lora_lab import LoRALinear
+from timing import median_times
 
 CLOCK = time.process_time  # CPU seconds of this process; --clock wall switches to time.perf_counter
 
@@ -42,20 +42,6 @@ def fwd_bwd(layer, x):
             p.grad = None
         layer(x).sum().backward()
     return step
-
-
-def median_times(steps: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each step, measured round-robin with ``CLOCK``."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = CLOCK()
-            step()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_adapter(ours: LoRALinear, theirs: nn.Module) -> None:
@@ -83,7 +69,7 @@ def run(dim: int, tokens: tuple, r: int, dtype: torch.dtype, repeats: int) -> li
         ours, theirs = layers[f"lora_lab {kind}"](x).float(), layers[f"peft {kind}"](x).float()
         atol = 8 * torch.finfo(dtype).eps * ours.abs().max().item()
         torch.testing.assert_close(ours, theirs, rtol=0, atol=atol)
-    t = median_times({name: fwd_bwd(layer, x) for name, layer in layers.items()}, repeats)
+    t = median_times({name: fwd_bwd(layer, x) for name, layer in layers.items()}, repeats, clock=CLOCK)
     name = str(dtype).removeprefix("torch.")
     return [
         (f"{name} fwd+bwd", "lora_lab DoRA / PEFT DoRA", t["lora_lab dora"], t["peft dora"], "<= 1.00"),

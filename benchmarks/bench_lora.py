@@ -14,7 +14,6 @@ work on a small shared CPU barely moves the ratios (pass ``--clock wall --thread
 
 import argparse
 import copy
-import statistics
 import time
 from collections import OrderedDict
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from lora_lab import LoRALinear
+from timing import median_times
 
 CLOCK = time.process_time  # CPU seconds of this process; --clock wall switches to time.perf_counter
 
@@ -49,20 +49,6 @@ def fwd(layer, x):
     return step
 
 
-def median_times(steps: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each step, measured round-robin with ``CLOCK``."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = CLOCK()
-            step()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def run(dim: int, tokens: tuple, r: int, dtype: torch.dtype, repeats: int) -> list:
     torch.manual_seed(0)
     frozen = nn.Linear(dim, dim, dtype=dtype).requires_grad_(False)
@@ -79,9 +65,9 @@ def run(dim: int, tokens: tuple, r: int, dtype: torch.dtype, repeats: int) -> li
     torch.testing.assert_close(ours(x).float(), theirs(x).float(), rtol=0, atol=atol)
 
     train = median_times({"frozen": fwd_bwd(frozen, x), "lora_lab": fwd_bwd(ours, x),
-                          "peft": fwd_bwd(theirs, x)}, repeats)
+                          "peft": fwd_bwd(theirs, x)}, repeats, clock=CLOCK)
     ours.merge()
-    infer = median_times({"plain": fwd(frozen, x), "merged": fwd(ours, x)}, repeats)
+    infer = median_times({"plain": fwd(frozen, x), "merged": fwd(ours, x)}, repeats, clock=CLOCK)
     name = str(dtype).removeprefix("torch.")
     return [
         (f"{name} fwd+bwd", "lora_lab / frozen Linear", train["lora_lab"], train["frozen"], "<= 1.10"),

@@ -14,7 +14,6 @@ fresh tensor (the operating system maps and zeroes each new page on its first wr
 """
 
 import argparse
-import statistics
 import time
 import warnings
 
@@ -23,21 +22,9 @@ from torch import nn
 
 from lora_lab import nf4
 from lora_lab.qlora import QLoRALinear
+from timing import median_times
 
 warnings.filterwarnings("ignore")
-
-
-def interleaved(contenders: dict, repeats: int) -> dict:
-    """Median seconds per contender; each repeat runs every contender once, in turn, after one warm-up each."""
-    for fn in contenders.values():
-        fn()  # warm-up (and, for the compiled paths, compilation)
-    times = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def report(name, ours, theirs, target):
@@ -69,7 +56,7 @@ def bench_quantization(w, repeats):
     same &= torch.equal(readable.packed, q.packed) and torch.equal(readable.absmax, q.absmax)
     print(f"  bytes and dequantized values equal to bitsandbytes (and the readable path): {same}")
 
-    t = interleaved({"ours": lambda: nf4.quantize_nf4(w),
+    t = median_times({"ours": lambda: nf4.quantize_nf4(w),
                      "bnb": lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)},
                     max(3, repeats // 3))
     report("quantize_nf4 vs bnb quantize_4bit", t["ours"], t["bnb"], 0.5)
@@ -81,7 +68,7 @@ def bench_quantization(w, repeats):
     to_nf4 = torchao_nf4()
     if to_nf4 is not None:
         contenders["torchao"] = to_nf4(w).get_original_weight
-    t = interleaved(contenders, repeats)
+    t = median_times(contenders, repeats)
     report("dequantize vs bnb dequantize_4bit", t["fresh"], t["bnb"], 1.0)
     report("dequantize(out=reused buffer) vs bnb dequantize_4bit", t["out"], t["bnb"], 1.0)
     if to_nf4 is not None:
@@ -91,7 +78,7 @@ def bench_quantization(w, repeats):
           f"{t['copy reused'] * 1e3:.2f} ms into a reused one")
     print(f"  over the floor: lora_lab {t['fresh'] / t['copy fresh']:.2f}x fresh, {t['out'] / t['copy reused']:.2f}x "
           f"reused; bitsandbytes {t['bnb'] / t['copy fresh']:.2f}x fresh")
-    t_readable = interleaved({"readable": lambda: nf4.dequantize(q, fast=False)}, max(1, repeats // 5))["readable"]
+    t_readable = median_times({"readable": lambda: nf4.dequantize(q, fast=False)}, max(1, repeats // 5))["readable"]
     print(f"  (readable dequantize path, for reference: {t_readable * 1e3:.1f} ms)")
 
 
@@ -126,7 +113,7 @@ def bench_step(size, repeats, batch, seq, r=16):
             module(x.detach().requires_grad_(True)).float().square().mean().backward()
         return run
 
-    times = interleaved({name: step(module) for name, module in layers.items()}, repeats)
+    times = median_times({name: step(module) for name, module in layers.items()}, repeats)
     for backend in ("torch", "bitsandbytes"):
         report(f"QLoRALinear step ({backend}) vs PEFT+bnb", times[backend], times["peft + bnb Linear4bit"], 1.0)
 
