@@ -183,6 +183,15 @@ class Task:
             self._cache[split] = (ids, labels)
         return self._cache[split]
 
+    def encoded(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split, encoded as `get_batch` draws from it: input_ids (N, T) and labels (N, T), copies.
+
+        Args:
+            split: ``"train"`` or ``"eval"``.
+        """
+        ids, labels = self._encoded(split)
+        return ids.clone(), labels.clone()
+
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator | None = None):
         """A random batch: input_ids (B, T) and labels (B, T) with -100 on bos, prompt and padding.
 

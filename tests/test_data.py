@@ -80,7 +80,7 @@ def test_evaluate_counts_exact_matches():
             self.shift, self.w = shift, torch.nn.Parameter(torch.zeros(1))
 
         def forward(self, ids):
-            ids_all, labels = task._encoded("eval")
+            ids_all, labels = task.encoded("eval")
             rows = [next(i for i in range(len(ids_all)) if torch.equal(ids_all[i], r)) for r in ids]
             target = ids_all[rows].roll(-1, dims=1)  # next token at every position
             target = torch.where(labels[rows].roll(-1, dims=1) == -100, target, (target + self.shift) % 34)
@@ -93,7 +93,7 @@ def test_evaluate_counts_exact_matches():
 def test_token_accuracy_gives_partial_credit():
     """An oracle wrong only at the first answer token scores 0% exact match, and 1 - 1/len per token."""
     task = load_task()
-    ids, labels = task._encoded("eval")
+    ids, labels = task.encoded("eval")
     ids, labels = ids[:20], labels[:20]
 
     class FirstTokenWrong(torch.nn.Module):
@@ -143,3 +143,17 @@ def test_asking_for_more_distinct_words_than_exist_raises_instead_of_looping():
 def test_split_sizes_must_be_ints_at_least_zero(kwargs):
     with pytest.raises(ValueError, match="n_train|n_eval"):
         load_task(**kwargs)
+
+
+def test_encoded_returns_copies_of_the_whole_split():
+    task = load_task()
+    ids, labels = task.encoded("eval")
+    assert ids.shape == labels.shape == (len(task.eval), task.seq_len)
+    kept = ids.clone(), labels.clone()
+    ids.fill_(0), labels.fill_(0)  # a student's edit of the copy...
+    again = task.encoded("eval")
+    assert torch.equal(again[0], kept[0]) and torch.equal(again[1], kept[1])  # ...leaves the task's own intact
+    assert torch.equal(task.get_batch("eval", 4, torch.Generator().manual_seed(0))[0],
+                       kept[0][torch.randint(len(kept[0]), (4,), generator=torch.Generator().manual_seed(0))])
+    with pytest.raises(ValueError, match="split must be"):
+        task.encoded("test")

