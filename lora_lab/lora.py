@@ -181,13 +181,7 @@ class LoRALinear(nn.Module):
         check_adapter_name(adapter_name)
         lora_init.check_init_lora_weights(init_lora_weights)
         loftq_config = lora_init.check_loftq_config(init_lora_weights, loftq_config or {})
-        if adapter_name in self.lora_A:
-            raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
-                             "delete_adapter it first.")
-        check_rank(r, self.in_features, self.out_features)
-        check_dropout(lora_dropout)
-        check_alpha(lora_alpha)
-        check_flag(use_rslora, "use_rslora")
+        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         check_flag(use_dora, "use_dora")
         factory = {"dtype": adapter_dtype(self.base_layer), "device": layer_device(self.base_layer)}
         if lora_init.changes_base(init_lora_weights) and (use_dora or self.fan_in_fan_out):
@@ -202,11 +196,7 @@ class LoRALinear(nn.Module):
         w0 = dora.base_weight(self.base_layer, factory["dtype"]) if use_dora else None  # (out, in); checks the base
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)   # A: (r, in)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)  # B: (out, r)
-        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
-        self.use_rslora[adapter_name] = use_rslora
-        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
-        self.use_dora[adapter_name] = use_dora
+        self._record_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         try:
             self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
         except Exception:  # e.g. PiSSA on a NaN or 4-bit base: the layer keeps only the adapters it had
@@ -223,6 +213,26 @@ class LoRALinear(nn.Module):
             for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
                 if adapter_name in table:
                     table[adapter_name].requires_grad_(False)
+
+    def _check_new_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                           use_rslora: bool) -> None:
+        """What every LoRA layer checks before it adds an adapter (a linear one's and an embedding's alike)."""
+        if adapter_name in self.lora_A:
+            raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
+                             "delete_adapter it first.")
+        check_rank(r, self.in_features, self.out_features)
+        check_dropout(lora_dropout)
+        check_alpha(lora_alpha)
+        check_flag(use_rslora, "use_rslora")
+
+    def _record_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
+                        use_dora: bool) -> None:
+        """An adapter's dropout and hyperparameters, ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
+        self.use_dora[adapter_name] = use_dora
 
     def reset_lora_parameters(self, adapter_name: str | None = None, init_lora_weights: bool | str = True,
                               loftq_config: dict | None = None) -> None:

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import DEFAULT_ADAPTER, LoraConfig, LoRALinear, adapter_dtype, check_alpha, check_dropout, \
-    layer_device, lora_scaling, check_adapter_name, check_flag, check_rank
+from .lora import DEFAULT_ADAPTER, LoraConfig, LoRALinear, adapter_dtype, check_adapter_name, layer_device
 
 
 class LoRAEmbedding(LoRALinear):
@@ -82,21 +81,11 @@ class LoRAEmbedding(LoRALinear):
         if use_dora is not False:
             raise ValueError("DoRA (use_dora=True) on an nn.Embedding is not implemented in lora_lab; target only "
                              "linear layers with a DoRA config.")
-        if adapter_name in self.lora_embedding_A:
-            raise ValueError(f"This layer already has an adapter named {adapter_name!r}; pick another name or "
-                             "delete_adapter it first.")
-        check_rank(r, self.in_features, self.out_features)
-        check_dropout(lora_dropout)
-        check_alpha(lora_alpha)
-        check_flag(use_rslora, "use_rslora")
+        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         factory = {"dtype": adapter_dtype(self.base_layer), "device": layer_device(self.base_layer)}
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
-        self.use_rslora[adapter_name] = use_rslora
-        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
-        self.use_dora[adapter_name] = False
+        self._record_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora=False)
         self.reset_lora_parameters(adapter_name)
         if getattr(self, "active_adapter", adapter_name) != adapter_name:  # a second adapter waits, frozen
             self.lora_embedding_A[adapter_name].requires_grad_(False)
